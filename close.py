@@ -1,0 +1,1162 @@
+"""CLOSE: Curriculum Learning On the Sharing Extent (Zhou et al., ECCV 2022) on NAS-Bench-201.
+
+One file, read top to bottom, in the order of the paper:
+
+    1. search space        NB201 cells, arch strings, isomorphism classes, live edges
+    2. data                CIFAR-10 (or an image folder, or synthetic) kept on the device, augmented there
+    3. CLOSENet            GLOW blocks (the parameter pool), the sharing assignment, the GATE
+    4. curriculum          one block at first, more blocks on a schedule, WIT (weight inheritance)
+    5. training            the official recipe, scaled to --epochs
+    6. evaluation          one-shot scores and ranking metrics against NB201
+    7. search              regularized evolution over unique architectures
+    8. runs                checkpoints, resume, outputs, summary, comparison, benchmark
+    9. command line
+
+    python close.py --epochs 250 --device cuda                  # train, score all 6,466 archs, search
+    python close.py --baseline --epochs 250 --device cuda       # the vanilla one-shot supernet
+    python close.py --data synthetic --epochs 5 --cells 1       # everything, offline, in seconds
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import itertools
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import scipy.stats
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Config:
+    # supernet
+    blocks: int = field(default=5, metadata={"help": "K, GLOW blocks per cell (the vanilla baseline always uses 6, one per edge)"})
+    baseline: bool = field(default=False, metadata={"help": "train the vanilla one-shot supernet instead of CLOSENet"})
+    channels: int = field(default=16, metadata={"help": "channels of the first stage (NB201: 16)"})
+    cells: int = field(default=5, metadata={"help": "searchable cells per stage (NB201: 5)"})
+    # training (the official recipe; 1000 epochs there, scaled here)
+    epochs: int = field(default=250, metadata={"help": "supernet training epochs; blocks are added at evenly spaced epochs"})
+    batch_size: int = field(default=256, metadata={"help": "training and scoring batch size"})
+    lr: float = field(default=0.05, metadata={"help": "SGD learning rate"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay"})
+    grad_clip: float = field(default=5.0, metadata={"help": "gradient-norm clip"})
+    seed: int = field(default=0, metadata={"help": "seed of training (sampling, augmentation, Gumbel noise, init)"})
+    # data
+    data: str = field(default="cifar10", metadata={"help": "'cifar10' (torchvision download), 'synthetic', or an image-folder tree PATH with train/<class>/*"})
+    data_root: str = field(default="data", metadata={"help": "where torchvision keeps CIFAR-10"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, or auto (cuda when available)"})
+    # scoring and search
+    eval_archs: int = field(default=0, metadata={"help": "score a seeded random subset of N unique archs (0: all 6,466)"})
+    eval_batches: int = field(default=0, metadata={"help": "score on the first N held-out batches only (0: the whole held-out split)"})
+    eval_seed: int = field(default=0, metadata={"help": "seed of the --eval-archs subset (kept apart from --seed so runs score the same archs)"})
+    search_budget: int = field(default=1000, metadata={"help": "fitness evaluations of the evolutionary search (0: no search)"})
+    population: int = field(default=50, metadata={"help": "population of the evolutionary search"})
+    tournament: int = field(default=10, metadata={"help": "tournament sample of the evolutionary search"})
+    nb201: str = field(default="", metadata={"help": "NB201 ground truth (compact CSV, official .pth, or NATS-Bench archive) for the ranking metrics"})
+    out: str = field(default="", metadata={"help": "output folder (default runs/<close|vanilla>-seed<seed>)"})
+
+
+# Options that define the trained supernet: a resumed run must agree on all of them.
+RUN_OPTIONS = ("blocks", "baseline", "channels", "cells", "epochs", "batch_size", "lr", "momentum",
+               "weight_decay", "grad_clip", "seed", "data")
+
+
+class UsageError(Exception):
+    """A problem with the user's input: reported as one line, never as a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Search space (NAS-Bench-201)
+# ----------------------------------------------------------------------------------------------
+OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
+NONE, SKIP, CONV1X1, CONV3X3, AVG_POOL = range(len(OPS))
+# A cell is a DAG on 4 nodes; node 0 is the cell input, node 3 its output. An architecture is
+# the op index on each of these 6 edges (from, to), in the order of the official arch string.
+EDGES = ((0, 1), (0, 2), (1, 2), (0, 3), (1, 3), (2, 3))
+ALL_ARCHS = tuple(itertools.product(range(len(OPS)), repeat=len(EDGES)))  # 5^6 = 15,625
+
+
+def arch_to_str(arch):
+    """(3, 3, 3, 1, 3, 2) -> '|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|...'"""
+    nodes = [[f"{OPS[op]}~{src}" for (src, dst), op in zip(EDGES, arch) if dst == node] for node in (1, 2, 3)]
+    return "+".join("|" + "|".join(node) + "|" for node in nodes)
+
+
+def str_to_arch(text):
+    """The inverse of arch_to_str; anything else raises ValueError naming the string."""
+    nodes = text.split("+") if isinstance(text, str) else []
+    arch = []
+    for node, part in enumerate(nodes, start=1):
+        inputs = part.split("|")
+        if len(inputs) != node + 2 or inputs[0] or inputs[-1]:  # '|a~0|b~1|' splits to ['', 'a~0', 'b~1', '']
+            break
+        for src, token in enumerate(inputs[1:-1]):
+            op, _, source = token.partition("~")
+            if op not in OPS or source != str(src):
+                break
+            arch.append(OPS.index(op))
+    if len(nodes) != 3 or len(arch) != len(EDGES):
+        raise ValueError(f"not an NB201 architecture string: {text!r} (expected '|op~0|+|op~0|op~1|+|op~0|op~1|op~2|' with ops from {', '.join(OPS)})")
+    return tuple(arch)
+
+
+def isomorphism_key(arch):
+    """NB201's rule for 'same cell': write every node as an expression of the input and compare node 3.
+
+    An edge contributes the zero symbol '#' when its op is none or its source is exactly '#';
+    skip_connect passes the source expression; any other op writes '(source)@op'. A node is its
+    sorted, '+'-joined terms, so isomorphic cells (relabelled nodes, edges made dead by 'none') get
+    the same key. The joined strings are not injective, so the symbols matter: '#' sorts before '('
+    as in the benchmark's own rule, which is what yields its 6,466 classes (a zero symbol '0' gives 6,475).
+    """
+    expression = ["x"]
+    for node in (1, 2, 3):
+        terms = []
+        for (src, dst), op in zip(EDGES, arch):
+            if dst != node:
+                continue
+            if op == NONE or expression[src] == "#":
+                terms.append("#")
+            elif op == SKIP:
+                terms.append(expression[src])
+            else:
+                terms.append(f"({expression[src]})@{OPS[op]}")
+        expression.append("+".join(sorted(terms)))
+    return expression[3]
+
+
+@functools.cache
+def _class_representatives():
+    """isomorphism key -> representative: the first arch of the class in ALL_ARCHS order."""
+    representatives = {}
+    for arch in ALL_ARCHS:
+        representatives.setdefault(isomorphism_key(arch), arch)
+    return representatives
+
+
+def canonical(arch):
+    """The representative of arch's isomorphism class: isomorphic archs map to the same tuple."""
+    return _class_representatives()[isomorphism_key(tuple(arch))]
+
+
+def unique_archs():
+    """The 6,466 isomorphism classes of NB201, one representative each (de-isomorphic sampling draws from these)."""
+    return tuple(_class_representatives().values())
+
+
+@functools.cache
+def live_edges(arch):
+    """Which edges do any work: the source is reachable from the input and the target reaches the output."""
+    reachable = {0}
+    for src, dst in EDGES:  # EDGES is topologically ordered by target
+        if src in reachable and arch[EDGES.index((src, dst))] != NONE:
+            reachable.add(dst)
+    reaches_output = {3}
+    for src, dst in reversed(EDGES):
+        if dst in reaches_output and arch[EDGES.index((src, dst))] != NONE:
+            reaches_output.add(src)
+    return tuple(op != NONE and src in reachable and dst in reaches_output for (src, dst), op in zip(EDGES, arch))
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Data: uint8 images resident on the device, augmented there in whole batches
+# ----------------------------------------------------------------------------------------------
+CIFAR10_MEAN = (0.49139968, 0.48215827, 0.44653124)
+CIFAR10_STD = (0.24703233, 0.24348505, 0.26158768)
+HELDOUT_FRACTION = 0.2  # CIFAR-10: 40,000 images train the supernet, 10,000 score architectures
+
+
+@dataclass
+class Dataset:
+    train_images: torch.Tensor    # uint8 [N, 3, 32, 32]
+    train_labels: torch.Tensor    # int64 [N]
+    heldout_images: torch.Tensor  # uint8 [M, 3, 32, 32]
+    heldout_labels: torch.Tensor
+    num_classes: int
+
+    def to(self, device):
+        return Dataset(*(t.to(device) for t in (self.train_images, self.train_labels, self.heldout_images, self.heldout_labels)), self.num_classes)
+
+
+def synthetic_dataset(train=1024, heldout=256, num_classes=10, seed=0):
+    """Random images whose class sets the mean colour: learnable in seconds, needs no download."""
+    generator = torch.Generator().manual_seed(seed)
+    palette = torch.randint(40, 216, (num_classes, 3, 1, 1), generator=generator)
+    labels = torch.randint(num_classes, (train + heldout,), generator=generator)
+    noise = torch.randint(-40, 41, (train + heldout, 3, 32, 32), generator=generator)
+    images = (palette[labels] + noise).clamp(0, 255).to(torch.uint8)
+    return Dataset(images[:train], labels[:train], images[train:], labels[train:], num_classes)
+
+
+def cifar10_dataset(root):
+    """torchvision's CIFAR-10 train set, split by position as the official code does (its order is random)."""
+    import torchvision
+    train_set = torchvision.datasets.CIFAR10(root, train=True, download=True)
+    images = torch.from_numpy(train_set.data).permute(0, 3, 1, 2).contiguous()
+    labels = torch.tensor(train_set.targets)
+    split = round(len(labels) * (1 - HELDOUT_FRACTION))
+    return Dataset(images[:split], labels[:split], images[split:], labels[split:], 10)
+
+
+def image_folder_dataset(path, seed=0):
+    """An image-folder tree PATH/train/<class>/*; split by a seeded shuffle, never by position
+    (ImageFolder lists files class by class, so a positional split would hold out whole classes)."""
+    import torchvision
+    from torchvision.transforms.v2.functional import pil_to_tensor, resize
+    root = Path(path) / "train"
+    try:
+        folder = torchvision.datasets.ImageFolder(root, transform=lambda image: pil_to_tensor(resize(image, [32, 32])))
+    except (FileNotFoundError, RuntimeError) as error:
+        raise UsageError(f"--data {path}: not an image-folder tree with train/<class>/<image> ({error})") from None
+    if len(folder.classes) < 2:
+        raise UsageError(f"--data {path}: {root} holds {len(folder.classes)} class folder(s); need at least 2")
+    try:
+        images = torch.stack([image for image, _ in folder])
+    except OSError as error:
+        raise UsageError(f"--data {path}: an image could not be read ({error})") from None
+    labels = torch.tensor(folder.targets)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    split = round(len(labels) * (1 - HELDOUT_FRACTION))
+    train, heldout = order[:split], order[split:]
+    return Dataset(images[train], labels[train], images[heldout], labels[heldout], len(folder.classes))
+
+
+def load_dataset(cfg):
+    if cfg.data == "synthetic":
+        return synthetic_dataset(seed=cfg.seed)
+    if cfg.data == "cifar10":
+        return cifar10_dataset(cfg.data_root)
+    if not Path(cfg.data).is_dir():
+        raise UsageError(f"--data {cfg.data}: not 'cifar10', 'synthetic' or a folder")
+    return image_folder_dataset(cfg.data)
+
+
+def normalize(images):
+    """uint8 -> float, CIFAR-10 mean/std normalisation (torchvision's, applied to a whole batch)."""
+    from torchvision.transforms.v2.functional import normalize as tv_normalize
+    return tv_normalize(images.float().div_(255), CIFAR10_MEAN, CIFAR10_STD)
+
+
+def augment(images):
+    """Random crop 32 with zero padding 4 and a random horizontal flip, drawn per image.
+
+    torchvision's RandomCrop/RandomHorizontalFlip draw one crop per call (per batch when given a
+    batch), so the per-image version is one gather: each output pixel reads its shifted source.
+    """
+    batch, device = images.shape[0], images.device
+    padded = F.pad(images, (4, 4, 4, 4))
+    offset_y, offset_x = torch.randint(0, 9, (2, batch, 1), device=device)
+    flip = torch.rand(batch, 1, device=device) < 0.5
+    pixels = torch.arange(32, device=device)
+    rows = offset_y + pixels                                          # [B, 32]
+    cols = offset_x + torch.where(flip, 31 - pixels, pixels)          # [B, 32], reversed when flipped
+    out = padded[torch.arange(batch, device=device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2)                                    # [B, 32, 32, C] -> [B, C, 32, 32]
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. CLOSENet: parameters decoupled from operations
+# ----------------------------------------------------------------------------------------------
+def batch_norm(channels, affine=True):
+    # Architectures are always scored with batch statistics (the one-shot protocol), so running
+    # statistics would never be read: we do not keep them, and eval() mode uses batch statistics.
+    return nn.BatchNorm2d(channels, affine=affine, track_running_stats=False)
+
+
+def relu_conv_bn(x, weight):
+    """NB201's nor_conv_kxk: ReLU -> conv (no bias) -> BN without affine, batch statistics."""
+    out = F.conv2d(F.relu(x), weight, padding=weight.shape[-1] // 2)
+    return F.batch_norm(out, None, None, training=True)
+
+
+class GlowBlock(nn.Module):
+    """A GLOW block: one full set of the weights of a cell's parameterised ops (conv1x1, conv3x3).
+
+    A cell owns a small pool of these; *which* block an edge's op uses is decided per architecture
+    by the sharing assignment, not by the edge, so parameters are decoupled from operations.
+    """
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv1x1 = nn.Conv2d(channels, channels, 1, bias=False)  # nn.Conv2d for PyTorch's default init
+        self.conv3x3 = nn.Conv2d(channels, channels, 3, bias=False)
+
+    def weight(self, op):
+        return self.conv1x1.weight if op == CONV1X1 else self.conv3x3.weight
+
+
+@dataclass
+class SharingAssignment:
+    """Which GLOW block each of the 6 edges uses; the same assignment holds in every cell.
+
+    blocks: 6 block indices, python ints when fixed (vanilla, level 1, scoring) or a device tensor
+    when drawn by the GATE in training; gate: the GATE's straight-through weights [6, level]
+    (forward value one-hot at `blocks`), or None when the assignment is fixed.
+    """
+    blocks: object
+    gate: torch.Tensor | None = None
+
+
+def vanilla_assignment():
+    """The classic one-shot supernet: edge e always uses its own block e."""
+    return SharingAssignment(blocks=list(range(len(EDGES))))
+
+
+def level_one_assignment():
+    """Curriculum level 1, the largest sharing extent: every edge uses block 0."""
+    return SharingAssignment(blocks=[0] * len(EDGES))
+
+
+def glow_op(x, op, edge, glow_blocks, assignment):
+    """Output of a parameterised op on `edge`, with the weights the sharing assignment picks.
+
+    With the GATE, the paper's edge output is sum_i gate_i * block_i(x), where gate is one-hot in the
+    forward pass (straight-through). A block with forward weight 0 gets no gradient, so only the
+    chosen block needs autograd; the others are needed for their *values* alone (the gate's gradient
+    is <dL/d out, block_i(x)>), so they run forward-only, fused into one convolution. The result,
+    loss and every gradient equal the all-blocks formulation (test_close.py checks it).
+    """
+    if assignment.gate is None:
+        return relu_conv_bn(x, glow_blocks[assignment.blocks[edge]].weight(op))
+    gate = assignment.gate[edge]                                    # [level]
+    level = gate.shape[0]
+    weights = torch.stack([block.weight(op) for block in glow_blocks[:level]])
+    chosen = assignment.blocks[edge].view(1)                        # device tensor: no host sync
+    out = gate.index_select(0, chosen) * relu_conv_bn(x, weights.index_select(0, chosen)[0])
+    if level > 1:
+        others = (chosen + torch.arange(1, level, device=chosen.device)) % level  # the level-1 blocks not chosen
+        with torch.no_grad():
+            values = relu_conv_bn(x, weights.index_select(0, others).flatten(0, 1))  # one conv, (level-1)*C channels
+        out = UnchosenBlocks.apply(out, gate.index_select(0, others), values.unflatten(1, (level - 1, -1)))
+    return out
+
+
+class UnchosenBlocks(torch.autograd.Function):
+    """out + sum_k gate_k * value_k for the unchosen blocks, whose gate_k is exactly 0 in the forward
+    pass: the sum adds nothing, so only its gradient is computed, <dL/d out, value_k> for each gate_k."""
+
+    @staticmethod
+    def forward(ctx, out, gate, values):
+        ctx.save_for_backward(values)
+        ctx.gate_dtype = gate.dtype
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        values, = ctx.saved_tensors
+        batch, blocks, channels = values.shape[:3]
+        # one batched matmul over pixels; [B,K,C,H,W] -> [B*H*W, K, C] is a view in channels_last
+        values = values.permute(0, 3, 4, 1, 2).reshape(-1, blocks, channels)
+        grad = grad_out.permute(0, 2, 3, 1).reshape(-1, channels, 1).to(values.dtype)
+        return grad_out, torch.bmm(values, grad).sum((0, 2)).to(ctx.gate_dtype), None
+
+
+def parameter_free_op(x, op):
+    if op == SKIP:
+        return x
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)  # AVG_POOL
+
+
+class Cell(nn.Module):
+    """A searchable NB201 cell that owns a pool of GLOW blocks."""
+
+    def __init__(self, channels, num_blocks):
+        super().__init__()
+        self.glow_blocks = nn.ModuleList(GlowBlock(channels) for _ in range(num_blocks))
+
+    def forward(self, x, arch, assignment):
+        live = live_edges(arch)
+        nodes = [x]
+        for node in (1, 2, 3):
+            terms = [glow_op(nodes[src], op, e, self.glow_blocks, assignment) if op in (CONV1X1, CONV3X3)
+                     else parameter_free_op(nodes[src], op)
+                     for e, ((src, dst), op) in enumerate(zip(EDGES, arch)) if dst == node and live[e]]
+            nodes.append(sum(terms) if terms else None)  # only node 3 can be empty: live edges never read empty nodes
+        return nodes[3] if nodes[3] is not None else torch.zeros_like(x)
+
+
+class ResidualReduction(nn.Module):
+    """NB201's reduction block between stages: a ResNet basic block, stride 2, channels doubled."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.a = nn.Sequential(nn.ReLU(), nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False), batch_norm(c_out))
+        self.b = nn.Sequential(nn.ReLU(), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), batch_norm(c_out))
+        self.shortcut = nn.Sequential(nn.AvgPool2d(2, 2), nn.Conv2d(c_in, c_out, 1, bias=False))
+
+    def forward(self, x):
+        return self.shortcut(x) + self.b(self.a(x))
+
+
+class Gate(nn.Module):
+    """The GATE: a graph encoder of the architecture and, per edge, an MLP giving one logit per block.
+
+    Encoder (GATES-style, node level): node 0 starts from a learned embedding, nodes 1-3 from zero;
+    each graph layer sends node j's message W h_j to node i through an attention vector made from
+    the op on edge j->i (zero when that op is none), so the ops steer the information flow.
+    """
+
+    def __init__(self, num_blocks, embedding=48, hidden=96, graph_layers=(128,) * 5, mlp=200, dropout=0.1):
+        super().__init__()
+        self.op_embedding = nn.Embedding(len(OPS), embedding)
+        self.input_node_embedding = nn.Parameter(torch.randn(embedding))
+        self.lift = nn.Linear(embedding, hidden)
+        widths = (hidden,) + tuple(graph_layers)
+        self.messages = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in zip(widths, widths[1:]))
+        self.attention = nn.ModuleList(nn.Linear(embedding, b) for b in widths[1:])
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * widths[-1], mlp), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(mlp, mlp), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(mlp, mlp), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(mlp, num_blocks))  # row i scores block i; only the first `level` rows are used
+        self.register_buffer("edge_src", torch.tensor([s for s, _ in EDGES]), persistent=False)
+        self.register_buffer("edge_dst", torch.tensor([d for _, d in EDGES]), persistent=False)
+
+    def forward(self, arch):
+        """arch: long tensor [6] -> logits [6, num_blocks]."""
+        op_matrix = torch.zeros(4, 4, dtype=torch.long, device=arch.device).index_put((self.edge_dst, self.edge_src), arch)
+        op_features = self.op_embedding(op_matrix)                      # [to, from, embedding]
+        is_edge = (op_matrix != NONE).unsqueeze(-1)
+        h = torch.cat([self.input_node_embedding[None], self.input_node_embedding.new_zeros(3, self.input_node_embedding.shape[0])])
+        h = self.lift(h)
+        for layer, (message, attention) in enumerate(zip(self.messages, self.attention)):
+            support = message(h)                                        # [node, width]
+            att = torch.sigmoid(attention(op_features)) * is_edge       # [to, from, width]
+            h_next = torch.einsum("ijw,jw->iw", att, support)
+            h = torch.cat([h_next[:1] + support[:1], h_next[1:]])       # node 0 keeps its own message
+            if layer < len(self.messages) - 1:
+                h = F.relu(h)
+        return self.mlp(torch.cat([h[self.edge_src], h[self.edge_dst]], dim=-1))
+
+
+GUMBEL_TEMPERATURE = 5.0
+
+
+class CLOSENet(nn.Module):
+    """NB201 supernet whose cells draw op weights from a pool of GLOW blocks (baseline=True: vanilla)."""
+
+    def __init__(self, channels=16, cells=5, num_blocks=5, num_classes=10, baseline=False):
+        super().__init__()
+        self.baseline = baseline
+        self.num_blocks = len(EDGES) if baseline else num_blocks
+        self.level = self.num_blocks if baseline else 1  # active blocks (curriculum level)
+        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1, bias=False), batch_norm(channels))
+        layers = []
+        for stage, width in enumerate((channels, 2 * channels, 4 * channels)):
+            if stage:
+                layers.append(ResidualReduction(width // 2, width))
+            layers += [Cell(width, self.num_blocks) for _ in range(cells)]
+        self.layers = nn.ModuleList(layers)
+        self.head = nn.Sequential(batch_norm(4 * channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Dropout(0.1), nn.Linear(4 * channels, num_classes))
+        self.gate = None if baseline else Gate(num_blocks)
+        # Every arch as a device tensor, so the GATE's input never crosses from the host in a step.
+        self.register_buffer("all_archs", torch.tensor(ALL_ARCHS), persistent=False)
+
+    def cells(self):
+        return [layer for layer in self.layers if isinstance(layer, Cell)]
+
+    def sharing_assignment(self, arch):
+        if self.baseline:
+            return vanilla_assignment()
+        if self.level == 1:
+            return level_one_assignment()  # the GATE has nothing to choose: it is left out of the graph
+        arch_tensor = self.all_archs[ALL_ARCHS_INDEX[tuple(arch)]]
+        logits = self.gate(arch_tensor)[:, :self.level]
+        if self.training:
+            # Gumbel-softmax with straight-through: forward one-hot, gradient of the soft probabilities.
+            gate = F.gumbel_softmax(logits, tau=GUMBEL_TEMPERATURE, hard=True)
+            return SharingAssignment(blocks=gate.argmax(-1), gate=gate)
+        return SharingAssignment(blocks=logits.argmax(-1).tolist())  # scoring: deterministic argmax
+
+    def forward(self, images, arch, assignment=None):
+        arch = tuple(arch)
+        if assignment is None:
+            assignment = self.sharing_assignment(arch)
+        x = self.stem(images)
+        for layer in self.layers:
+            x = layer(x, arch, assignment) if isinstance(layer, Cell) else layer(x)
+        return self.head(x)
+
+    # the curriculum level travels with the weights in state_dict()
+    def get_extra_state(self):
+        return {"level": self.level}
+
+    def set_extra_state(self, state):
+        self.level = state["level"]
+
+
+ALL_ARCHS_INDEX = {arch: i for i, arch in enumerate(ALL_ARCHS)}
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Curriculum on the sharing extent
+# ----------------------------------------------------------------------------------------------
+def curriculum_level(epoch, epochs, num_blocks):
+    """Active blocks at 0-based `epoch`: one more every epochs/K epochs (official: 1000 epochs, every 200)."""
+    return min(num_blocks, 1 + epoch * num_blocks // epochs)
+
+
+@torch.no_grad()
+def add_glow_block(model):
+    """Activate the next block with WIT (weight inheritance): it starts as an exact copy of the
+    previous block, and the GATE's logit for it as a copy of the previous logit. Done in place, so the
+    optimizer keeps training the same tensors and the network computes exactly what it did before."""
+    new = model.level
+    for cell in model.cells():
+        for inherited, source in zip(cell.glow_blocks[new].parameters(), cell.glow_blocks[new - 1].parameters()):
+            inherited.copy_(source)
+    last = model.gate.mlp[-1]
+    last.weight[new] = last.weight[new - 1]
+    last.bias[new] = last.bias[new - 1]
+    model.level = new + 1
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Training (the official recipe, scaled to --epochs)
+# ----------------------------------------------------------------------------------------------
+def make_optimizer(model, cfg):
+    """SGD over everything, the GATE included. While the GATE is out of the graph (level 1) its
+    gradients stay None, so SGD neither updates nor decays it: level 2 starts from a trained init,
+    not from a gate shrunk by 200 epochs of weight decay as in the official code."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    patience = max(1, round(30 * cfg.epochs / 1000))  # official: 30 epochs in 1,000
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=patience, threshold=1e-4)
+    return optimizer, scheduler
+
+
+def restart_epoch(cfg):
+    """The official run restarts the optimizer (lr back to 0.05) at 40% of training."""
+    return int(0.4 * cfg.epochs)
+
+
+def train_epoch(model, optimizer, data, cfg, archs, amp):
+    """One pass over the training split, one uniformly drawn unique architecture per step.
+    Nothing is read back to the host until the end of the epoch."""
+    model.train()
+    device = data.train_images.device
+    order = torch.randperm(len(data.train_labels), device=device)
+    steps = math.ceil(len(order) / cfg.batch_size)
+    step_losses = torch.zeros(steps, device=device)
+    correct = torch.zeros((), device=device)
+    step_archs = []
+    for step in range(steps):
+        arch = archs[torch.randint(len(archs), ()).item()]  # CPU generator: no device sync
+        step_archs.append(arch)
+        batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        images = normalize(augment(data.train_images[batch])).contiguous(memory_format=memory_format(device))
+        labels = data.train_labels[batch]
+        loss, logits = train_step(model, optimizer, images, labels, arch, cfg.grad_clip, amp)
+        step_losses[step] = loss * len(batch)
+        correct += (logits.argmax(1) == labels).sum()
+    losses = step_losses.tolist()
+    bad = next((i for i, value in enumerate(losses) if not math.isfinite(value)), None)
+    return {"loss": sum(losses) / len(order), "accuracy": correct.item() / len(order),
+            "bad_step": None if bad is None else (bad, arch_to_str(step_archs[bad]))}
+
+
+def train_step(model, optimizer, images, labels, arch, grad_clip, amp):
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+        logits = model(images, arch)
+    loss = F.cross_entropy(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.detach(), logits.detach()
+
+
+def memory_format(device):
+    return torch.channels_last  # faster for these small convolutions on both CPU (oneDNN) and GPU (cuDNN)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Evaluation: one-shot scores and ranking metrics
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def score_arch(model, arch, images, labels, batch_size, amp=False):
+    """One-shot accuracy (%) and loss of arch on held-out data: dropout off, BN on batch statistics
+    (eval() does both here), the GATE's argmax assignment; means of per-batch values."""
+    model.eval()
+    assignment = model.sharing_assignment(arch)
+    accuracies, losses = [], []
+    for start in range(0, len(labels), batch_size):
+        x, y = images[start:start + batch_size], labels[start:start + batch_size]
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x, arch, assignment).float()
+        accuracies.append((logits.argmax(1) == y).float().mean() * 100)
+        losses.append(F.cross_entropy(logits, y))
+    accuracy, loss = torch.stack(accuracies).mean().item(), torch.stack(losses).mean().item()
+    return accuracy, loss
+
+
+def true_ranks(values):
+    """Rank 0 = best (highest value); ties share the best rank of their group."""
+    return scipy.stats.rankdata(-np.asarray(values, dtype=float), method="min").astype(int) - 1
+
+
+def ranking_metrics(predicted, truth, ratios=(0.01, 0.05, 0.1, 0.5)):
+    """How well one-shot scores rank architectures against their true accuracies.
+
+    P@topK: share of the predicted top-k (k = int(N * ratio)) whose true rank is within the true top-k;
+    P@bottomK likewise from the bottom. BR@K / WR@K: 1 + best / worst true rank in the predicted top-k.
+    """
+    predicted, truth = np.asarray(predicted, dtype=float), np.asarray(truth, dtype=float)
+    n = len(predicted)
+    metrics = {"n": n,
+               "kendall_tau": scipy.stats.kendalltau(predicted, truth).statistic,
+               "spearman": scipy.stats.spearmanr(predicted, truth).statistic,
+               "pearson": scipy.stats.pearsonr(predicted, truth).statistic}
+    rank_from_top, rank_from_bottom = true_ranks(truth), true_ranks(-truth)
+    predicted_order = np.argsort(-predicted, kind="stable")
+    for ratio in ratios:
+        k = int(n * ratio)
+        name = f"{ratio * 100:g}%"
+        if k == 0:
+            metrics.update({f"P@top{name}": None, f"P@bottom{name}": None, f"BR@{name}": None, f"WR@{name}": None})
+            continue
+        top, bottom = predicted_order[:k], predicted_order[::-1][:k]
+        metrics[f"P@top{name}"] = float(np.mean(rank_from_top[top] < k))
+        metrics[f"P@bottom{name}"] = float(np.mean(rank_from_bottom[bottom] < k))
+        metrics[f"BR@{name}"] = int(1 + rank_from_top[top].min())
+        metrics[f"WR@{name}"] = int(1 + rank_from_top[top].max())
+    return {key: (float(value) if isinstance(value, np.floating) else value) for key, value in metrics.items()}
+
+
+def load_ground_truth(path):
+    """NB201 CIFAR-10 test accuracy per unique arch: the mean over its isomorphism group."""
+    import nb201_api_slim
+    try:
+        table = nb201_api_slim.load(path)
+        by_class = table.group_accuracies(lambda text: canonical(str_to_arch(text)), dataset="cifar10")
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--nb201 {path}: {error}") from None
+    missing = len(unique_archs()) - len(by_class.keys() & set(unique_archs()))
+    if missing:
+        raise UsageError(f"--nb201 {path}: no CIFAR-10 accuracy for {missing} of the {len(unique_archs())} isomorphism classes")
+    return by_class
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Search: regularized evolution (Real et al., 2019) over unique architectures
+# ----------------------------------------------------------------------------------------------
+def mutate(arch, rng):
+    """Change the op on one edge; retry until the child is a different cell (not an isomorph)."""
+    while True:
+        edge = rng.randrange(len(EDGES))
+        child = list(arch)
+        child[edge] = rng.choice([op for op in range(len(OPS)) if op != arch[edge]])
+        child = canonical(child)
+        if child != canonical(arch):
+            return child
+
+
+def regularized_evolution(fitness, budget, population_size=50, tournament_size=10, seed=0):
+    """Age-regularized evolution: the tournament winner's mutant joins, the oldest member leaves.
+    `fitness` is any callable on an arch tuple; `budget` counts its calls. Returns the best arch seen,
+    its fitness, and the history [(arch, fitness)] in evaluation order."""
+    rng = random.Random(seed)
+    candidates = unique_archs()
+    history, population = [], []
+
+    def evaluate(arch):
+        history.append((arch, fitness(arch)))
+        population.append(history[-1])
+
+    while len(history) < min(budget, population_size):
+        evaluate(rng.choice(candidates))
+    while len(history) < budget:
+        parent = max(rng.sample(population, min(tournament_size, len(population))), key=lambda member: member[1])
+        evaluate(mutate(parent[0], rng))
+        population.pop(0)
+    best = max(history, key=lambda member: member[1])
+    return best[0], best[1], history
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Runs: checkpoints that resume exactly, outputs a person can read
+# ----------------------------------------------------------------------------------------------
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM: the last end-of-epoch checkpoint stays, --resume continues from it."""
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: unknown device (use cpu, cuda, cuda:N or auto)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def check_config(cfg):
+    for name in ("epochs", "batch_size", "blocks", "channels", "cells"):
+        if getattr(cfg, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if not cfg.baseline and cfg.epochs < cfg.blocks:
+        raise UsageError(f"--epochs {cfg.epochs} is smaller than the {cfg.blocks} curriculum stages (--blocks)")
+    for name in ("eval_archs", "eval_batches", "search_budget"):
+        if getattr(cfg, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
+
+
+def run_name(cfg):
+    return f"{'vanilla' if cfg.baseline else 'close'}-seed{cfg.seed}"
+
+
+def prepare_out(cfg, resume):
+    """The output folder; a folder that holds a run is only reused by --resume with the same options."""
+    out = Path(cfg.out or Path("runs") / run_name(cfg))
+    saved_config = out / "config.json"
+    if saved_config.exists():
+        if not resume:
+            raise UsageError(f"--out {out} already holds a run: add --resume to continue it, or choose another --out")
+        saved = json.loads(saved_config.read_text())
+        conflicts = [f"--{name.replace('_', '-')} ({saved.get(name)} there, {getattr(cfg, name)} now)"
+                     for name in RUN_OPTIONS + ("eval_batches",) if saved.get(name) != getattr(cfg, name)]
+        if conflicts:
+            raise UsageError(f"--resume: {out} was run with other options: {', '.join(conflicts)}")
+    elif resume:
+        raise UsageError(f"--resume: {out} holds no run (no config.json)")
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(saved_config, json.dumps(asdict(cfg), indent=2))
+    return out
+
+
+def write_atomic(path, text):
+    """Write a temporary file, then rename: a kill mid-write never leaves a broken file."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def rng_states():
+    numpy_state = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]]}
+
+
+def set_rng_states(states):
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    keys, *rest = states["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), *rest))
+
+
+def save_checkpoint(path, cfg, epoch, model, optimizer, scheduler, log):
+    state = {"config": asdict(cfg), "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "rng": rng_states(), "log": log}
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)  # the previous checkpoint stays until the new one is complete
+
+
+def load_checkpoint(path, device):
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (OSError, RuntimeError, EOFError) as error:
+        raise UsageError(f"{path}: not a readable close.py checkpoint ({error})") from None
+
+
+LOG_FIELDS = ("epoch", "level", "lr", "loss", "accuracy", "seconds", "images_per_s")
+
+
+def write_csv(path, header, rows):
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(header)
+        writer.writerows(rows)
+    os.replace(temporary, path)
+
+
+def train(model, data, cfg, out, amp):
+    """Curriculum training with a checkpoint after every epoch; resumes from out/checkpoint.pt."""
+    optimizer, scheduler = make_optimizer(model, cfg)
+    checkpoint, log, start = out / "checkpoint.pt", [], 0
+    if checkpoint.exists():
+        state = load_checkpoint(checkpoint, data.train_images.device)
+        model.load_state_dict(state["model"])
+        if state["epoch"] > restart_epoch(cfg) > 0:
+            optimizer, scheduler = make_optimizer(model, cfg)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_states(state["rng"])
+        start, log = state["epoch"], state["log"]
+        print(f"resumed {out} after epoch {start} (level {model.level})")
+    archs, started, images_seen = unique_archs(), time.time(), 0
+    for epoch in range(start, cfg.epochs):
+        if not model.baseline:
+            while model.level < curriculum_level(epoch, cfg.epochs, model.num_blocks):
+                add_glow_block(model)
+        if epoch == restart_epoch(cfg) > 0:
+            optimizer, scheduler = make_optimizer(model, cfg)
+        lr, epoch_started = optimizer.param_groups[0]["lr"], time.time()
+        try:
+            stats = train_epoch(model, optimizer, data, cfg, archs, amp)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted in epoch {epoch + 1}; {checkpoint} holds epoch {epoch}: rerun with --resume") from None
+        if stats["bad_step"] is not None:
+            step, arch = stats["bad_step"]
+            kept = f"{checkpoint} keeps epoch {epoch}" if checkpoint.exists() else "no epoch finished, nothing was saved"
+            raise UsageError(f"the training loss became non-finite in epoch {epoch + 1}, step {step + 1} (arch {arch}); {kept}")
+        scheduler.step(stats["loss"])
+        seconds = time.time() - epoch_started
+        images_seen += len(data.train_labels)
+        log.append({"epoch": epoch + 1, "level": model.level, "lr": lr, "loss": stats["loss"], "accuracy": stats["accuracy"],
+                    "seconds": round(seconds, 3), "images_per_s": round(len(data.train_labels) / seconds, 1)})
+        save_checkpoint(checkpoint, cfg, epoch + 1, model, optimizer, scheduler, log)
+        write_csv(out / "log.csv", LOG_FIELDS, [[row[name] for name in LOG_FIELDS] for row in log])
+        eta = (time.time() - started) / (epoch + 1 - start) * (cfg.epochs - epoch - 1)
+        print(f"epoch {epoch + 1:4d}/{cfg.epochs}  loss {stats['loss']:.4f}  acc {100 * stats['accuracy']:5.1f}%  "
+              f"lr {lr:.4g}  level {model.level}  {images_seen / (time.time() - started):,.0f} img/s  ETA {eta / 60:.1f} min", flush=True)
+    return log
+
+
+def archs_to_score(cfg, chosen_archs=()):
+    if chosen_archs:
+        return tuple(dict.fromkeys(chosen_archs))
+    archs = unique_archs()
+    if cfg.eval_archs and cfg.eval_archs < len(archs):
+        archs = tuple(random.Random(cfg.eval_seed).sample(archs, cfg.eval_archs))
+    return archs
+
+
+def heldout_batches(data, cfg):
+    """The held-out split, normalised once and kept on the device for every architecture."""
+    count = len(data.heldout_labels) if not cfg.eval_batches else min(len(data.heldout_labels), cfg.eval_batches * cfg.batch_size)
+    images = normalize(data.heldout_images[:count]).contiguous(memory_format=memory_format(data.heldout_images.device))
+    return images, data.heldout_labels[:count]
+
+
+SCORE_FIELDS = ("arch", "oneshot_accuracy", "oneshot_loss", "nb201_accuracy")
+
+
+def read_scores(path):
+    scores = {}
+    if path.exists():
+        with open(path, newline="") as file:
+            for row in csv.DictReader(file):
+                try:
+                    scores[str_to_arch(row["arch"])] = (float(row["oneshot_accuracy"]), float(row["oneshot_loss"]))
+                except (TypeError, ValueError, KeyError):
+                    continue  # a row cut short by a kill is scored again
+    return scores
+
+
+def score_archs(model, images, labels, cfg, archs, path, amp):
+    """One-shot scores of `archs`, appended to `path` as they come; rows already there are reused."""
+    scores = read_scores(path)
+    write_csv(path, SCORE_FIELDS[:3], [[arch_to_str(a), *scores[a]] for a in scores])  # drop any torn last row
+    todo = [arch for arch in archs if arch not in scores]
+    started = time.time()
+    with open(path, "a", newline="") as file:
+        writer = csv.writer(file)
+        for i, arch in enumerate(todo):
+            scores[arch] = score_arch(model, arch, images, labels, cfg.batch_size, amp)
+            writer.writerow([arch_to_str(arch), *scores[arch]])
+            if (i + 1) % 100 == 0 or i + 1 == len(todo):
+                file.flush()
+                rate = (i + 1) / (time.time() - started)
+                print(f"scored {len(archs) - len(todo) + i + 1}/{len(archs)} archs  {1000 / rate:.0f} ms/arch  "
+                      f"ETA {(len(todo) - i - 1) / rate / 60:.1f} min", flush=True)
+    return {arch: scores[arch] for arch in archs}
+
+
+def describe(arch, scores, truth, truth_ranks):
+    accuracy, loss = scores[arch]
+    row = {"arch": arch_to_str(arch), "oneshot_accuracy": accuracy, "oneshot_loss": loss}
+    if truth is not None:
+        row.update(nb201_accuracy=truth[arch], nb201_rank=truth_ranks[arch])
+    return row
+
+
+def run(cfg, resume=False, load="", arch_strings=()):
+    """train -> score -> search, everything written into the output folder."""
+    check_config(cfg)
+    try:
+        chosen_archs = [str_to_arch(text) for text in arch_strings]
+    except ValueError as error:
+        raise UsageError(f"--arch: {error}") from None
+    device = resolve_device(cfg.device)
+    if load:  # score and search a trained supernet: its architecture options come from the checkpoint
+        saved = load_checkpoint(load, device)
+        cfg = Config(**{**asdict(cfg), **{name: saved["config"][name] for name in RUN_OPTIONS}})
+    # every input is checked before the output folder is touched
+    truth = load_ground_truth(cfg.nb201) if cfg.nb201 else None
+    times, started = {}, time.time()
+    data = load_dataset(cfg).to(device)
+    times["data_s"] = time.time() - started
+    out = prepare_out(cfg, resume)
+    amp = device.type == "cuda"  # bf16 autocast where it pays; CPU keeps float32
+    torch.backends.cudnn.benchmark = True  # few distinct conv shapes: tune each once
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = CLOSENet(cfg.channels, cfg.cells, cfg.blocks, data.num_classes, cfg.baseline).to(device, memory_format=memory_format(device))
+    print(f"{run_name(cfg)}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(data.train_labels):,} train / "
+          f"{len(data.heldout_labels):,} held-out images, device {device}, output {out}", flush=True)
+
+    started = time.time()
+    if load:
+        model.load_state_dict(saved["model"])
+        log = saved["log"]
+    else:
+        log = train(model, data, cfg, out, amp)
+    times["train_s"] = time.time() - started
+
+    started = time.time()
+    images, labels = heldout_batches(data, cfg)
+    archs = archs_to_score(cfg, chosen_archs)
+    scores = score_archs(model, images, labels, cfg, archs, out / "scores.csv", amp)
+    times["score_s"] = time.time() - started
+
+    # the ground truth is read only after scoring and never by the search
+    truth_ranks = None
+    if truth is not None:
+        ranked = sorted(truth, key=truth.get, reverse=True)
+        truth_ranks = {arch: rank + 1 for rank, arch in enumerate(ranked)}  # 1 = best of the 6,466
+        metrics = ranking_metrics([scores[a][0] for a in archs], [truth[a] for a in archs])
+    else:
+        metrics = None
+    write_csv(out / "scores.csv", SCORE_FIELDS, [[arch_to_str(a), *scores[a], truth[a] if truth else ""] for a in archs])
+
+    started = time.time()
+    search = None
+    if cfg.search_budget:
+        search_scores = dict(scores)
+
+        def fitness(arch):  # one-shot accuracy; archs outside the scored set are scored on demand
+            if arch not in search_scores:
+                search_scores[arch] = score_arch(model, arch, images, labels, cfg.batch_size, amp)
+            return search_scores[arch][0]
+
+        best, _, history = regularized_evolution(fitness, cfg.search_budget, cfg.population, cfg.tournament, cfg.seed)
+        search = {"best": describe(best, search_scores, truth, truth_ranks), "budget": cfg.search_budget,
+                  "unique_evaluated": len({arch for arch, _ in history}), "population": cfg.population,
+                  "tournament": cfg.tournament}
+        write_atomic(out / "search.json", json.dumps(search, indent=2))
+    times["search_s"] = time.time() - started
+
+    top5 = [describe(arch, scores, truth, truth_ranks) for arch in sorted(archs, key=lambda a: -scores[a][0])[:5]]
+    results = {"run": run_name(cfg), "ranking": metrics, "top5": top5, "search": search,
+               "times": {key: round(value, 1) for key, value in times.items()}, "scored_archs": len(archs),
+               "heldout_images": len(labels), "device": str(device)}
+    write_atomic(out / "metrics.json", json.dumps(results, indent=2))
+    print_summary(out, results, log)
+    plot_run(out, scores, truth, archs, log, metrics)
+    return results
+
+
+def print_summary(out, results, log):
+    print(f"\n== {results['run']} ({out}) ==")
+    times = results["times"]
+    print("wall time: " + ", ".join(f"{key[:-2]} {value / 60:.1f} min" for key, value in times.items()))
+    if log:
+        print(f"last epoch: loss {log[-1]['loss']:.4f}, train accuracy {100 * log[-1]['accuracy']:.1f}%, level {log[-1]['level']}")
+    comparison = [results]
+    sibling = out.parent / results["run"].replace(*(("close", "vanilla") if results["run"].startswith("close") else ("vanilla", "close")))
+    if (sibling / "metrics.json").exists():
+        comparison.append(json.loads((sibling / "metrics.json").read_text()))
+    if results["ranking"]:
+        print_metrics_table(comparison)
+    else:
+        print("ranking metrics: none (pass --nb201 FILE to compare against NAS-Bench-201)")
+    print("top-5 by one-shot accuracy:")
+    for row in results["top5"]:
+        truth = f"  NB201 {row['nb201_accuracy']:.2f}% (rank {row['nb201_rank']})" if "nb201_accuracy" in row else ""
+        print(f"  {row['oneshot_accuracy']:5.1f}%  {row['arch']}{truth}")
+    if results["search"]:
+        best = results["search"]["best"]
+        truth = f", NB201 {best['nb201_accuracy']:.2f}% (rank {best['nb201_rank']} of 6,466)" if "nb201_accuracy" in best else ""
+        print(f"search ({results['search']['budget']} evaluations): {best['arch']}  one-shot {best['oneshot_accuracy']:.1f}%{truth}")
+
+
+SUMMARY_METRICS = ("kendall_tau", "spearman", "pearson", "P@top1%", "P@top5%", "P@top10%", "P@bottom5%", "BR@5%", "WR@5%")
+
+
+def print_metrics_table(results):
+    print(f"{'':14s}" + "".join(f"{r['run']:>16s}" for r in results))
+    for name in SUMMARY_METRICS:
+        cells = [r["ranking"].get(name) if r.get("ranking") else None for r in results]
+        print(f"{name:14s}" + "".join(f"{'-' if v is None else (f'{v:.3f}' if isinstance(v, float) else str(v)):>16s}" for v in cells))
+    searched = [r["search"]["best"].get("nb201_accuracy") if r.get("search") else None for r in results]
+    print(f"{'search NB201':14s}" + "".join(f"{'-' if v is None else f'{v:.2f}%':>16s}" for v in searched))
+
+
+def compare(run_folders):
+    """--compare A B: two (or more) runs' metrics side by side."""
+    results = []
+    for folder in run_folders:
+        path = Path(folder) / "metrics.json"
+        if not path.exists():
+            raise UsageError(f"--compare: {path} does not exist (is {folder} a finished run?)")
+        results.append({**json.loads(path.read_text()), "run": Path(folder).name})
+    print_metrics_table(results)
+
+
+def plot_run(out, scores, truth, archs, log, metrics):
+    """ranking.png when matplotlib is installed (optional): one-shot vs NB201 accuracy, and the training curves."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: ranking.png skipped")
+        return
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    if truth is not None:
+        left.scatter([truth[a] for a in archs], [scores[a][0] for a in archs], s=4, alpha=0.5)
+        left.set_xlabel("NB201 CIFAR-10 test accuracy (%)")
+        left.set_title(f"Kendall tau {metrics['kendall_tau']:.3f} over {len(archs)} archs")
+    else:
+        left.hist([scores[a][0] for a in archs], bins=50)
+        left.set_xlabel("one-shot accuracy (%)")
+    left.set_ylabel("one-shot accuracy (%)")
+    if log:
+        right.plot([row["epoch"] for row in log], [row["loss"] for row in log], label="train loss")
+        right.plot([row["epoch"] for row in log], [row["level"] for row in log], label="level (active blocks)")
+        right.set_xlabel("epoch")
+        right.legend()
+    figure.tight_layout()
+    figure.savefig(out / "ranking.png", dpi=120)
+    plt.close(figure)
+
+
+def benchmark(cfg, steps):
+    """ms per training step, vanilla vs CLOSENet at every level, on the same archs and batch; ms per
+    architecture scored; images/s. Printed and written to <out>/benchmark.json."""
+    device = resolve_device(cfg.device)
+    amp = device.type == "cuda"
+    torch.manual_seed(cfg.seed)
+    archs = random.Random(0).sample([a for a in unique_archs() if CONV3X3 in a or CONV1X1 in a], 8)
+    data = synthetic_dataset(train=cfg.batch_size, heldout=cfg.batch_size * max(1, cfg.eval_batches or 4), seed=cfg.seed).to(device)
+    images = normalize(data.train_images).contiguous(memory_format=memory_format(device))
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def ms_per_step(model):
+        optimizer, _ = make_optimizer(model, cfg)
+        for i in range(2):  # warm-up (allocator, cuDNN autotuning)
+            train_step(model.train(), optimizer, images, data.train_labels, archs[i], cfg.grad_clip, amp)
+        sync()
+        started = time.perf_counter()
+        for i in range(steps):
+            train_step(model.train(), optimizer, images, data.train_labels, archs[i % len(archs)], cfg.grad_clip, amp)
+        sync()
+        return 1000 * (time.perf_counter() - started) / steps
+
+    def build(baseline):
+        return CLOSENet(cfg.channels, cfg.cells, cfg.blocks, 10, baseline).to(device, memory_format=memory_format(device))
+
+    results = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "batch_size": cfg.batch_size, "channels": cfg.channels, "cells": cfg.cells, "steps": steps,
+               "archs": [arch_to_str(a) for a in archs]}
+    results["vanilla_ms_per_step"] = ms_per_step(build(baseline=True))
+    print(f"{device}, batch {cfg.batch_size}, C={cfg.channels}, {cfg.cells} cells/stage, {steps} steps on {len(archs)} archs")
+    print(f"vanilla supernet     {results['vanilla_ms_per_step']:8.1f} ms/step   1.00x")
+    model = build(baseline=False)
+    for level in range(1, cfg.blocks + 1):
+        while model.level < level:
+            add_glow_block(model)
+        ms = ms_per_step(model)
+        results[f"close_level{level}_ms_per_step"] = ms
+        results[f"close_level{level}_ratio"] = ms / results["vanilla_ms_per_step"]
+        print(f"CLOSENet level {level}     {ms:8.1f} ms/step   {ms / results['vanilla_ms_per_step']:.2f}x")
+    heldout = normalize(data.heldout_images).contiguous(memory_format=memory_format(device))
+    score_arch(model, archs[0], heldout, data.heldout_labels, cfg.batch_size, amp)  # warm-up
+    sync()
+    started = time.perf_counter()
+    for arch in archs:
+        score_arch(model, arch, heldout, data.heldout_labels, cfg.batch_size, amp)
+    sync()
+    seconds = (time.perf_counter() - started) / len(archs)
+    results["score_ms_per_arch"] = 1000 * seconds
+    results["score_images_per_s"] = len(data.heldout_labels) / seconds
+    results["train_images_per_s_vanilla"] = cfg.batch_size / results["vanilla_ms_per_step"] * 1000
+    results[f"train_images_per_s_close_level{cfg.blocks}"] = cfg.batch_size / results[f"close_level{cfg.blocks}_ms_per_step"] * 1000
+    print(f"scoring: {results['score_ms_per_arch']:.1f} ms per arch on {len(data.heldout_labels)} images "
+          f"({results['score_images_per_s']:,.0f} img/s); training {results['train_images_per_s_vanilla']:,.0f} img/s vanilla")
+    out = Path(cfg.out or "runs")
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "benchmark.json", json.dumps(results, indent=2))
+    print(f"written to {out / 'benchmark.json'}")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. Command line
+# ----------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="CLOSE on NAS-Bench-201: train a CLOSENet supernet, score architectures, search.",
+        epilog="Outputs in --out: config.json, log.csv, checkpoint.pt, scores.csv, metrics.json, search.json, ranking.png. "
+               "NB201 files other than the compact CSV are pickles: loading one runs code from it, so use only files you trust.")
+    for option in fields(Config):
+        flag = "--" + option.name.replace("_", "-")
+        if isinstance(option.default, bool):
+            parser.add_argument(flag, action="store_true", help=option.metadata["help"])
+        else:
+            parser.add_argument(flag, type=type(option.default), default=option.default,
+                                help=f"{option.metadata['help']} (default: {option.default!r})")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out (same options) where it stopped")
+    parser.add_argument("--load", default="", metavar="CKPT", help="skip training: score and search the supernet in this checkpoint")
+    parser.add_argument("--arch", action="append", default=[], metavar="ARCH",
+                        help="score these architectures (NB201 strings; repeatable) instead of the unique ones")
+    parser.add_argument("--compare", nargs="+", metavar="RUN", help="print the metrics of finished runs side by side")
+    parser.add_argument("--benchmark", action="store_true", help="time training steps (vanilla vs every level) and scoring")
+    parser.add_argument("--benchmark-steps", type=int, default=10, help="timed steps per configuration (default: 10)")
+    args = parser.parse_args(argv)
+    return Config(**{option.name: getattr(args, option.name) for option in fields(Config)}), args
+
+
+def main(argv=None):
+    cfg, args = parse_args(argv)
+    try:
+        if args.compare:
+            compare(args.compare)
+        elif args.benchmark:
+            benchmark(cfg, args.benchmark_steps)
+        else:
+            run(cfg, args.resume, args.load, args.arch)
+    except UsageError as error:
+        print(f"close.py: error: {error}", file=sys.stderr)
+        return 2
+    except (Interrupted, KeyboardInterrupt) as error:
+        print(f"close.py: {error or 'interrupted'}; outputs so far are kept, rerun with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # a killed job stops like Ctrl-C
+    sys.exit(main())

@@ -1,0 +1,981 @@
+"""Tests of close.py and nb201_api_slim.py: invariants of the method, oracles, known values.
+
+Run with `python -m pytest -q test_close.py`. The core runs on synthetic data; tests that read
+../shared/data (real CIFAR-10 images, the NB201 accuracy table) skip when it is absent.
+"""
+import bz2
+import csv
+import json
+import pickle
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+import torch.nn.functional as F
+
+import close
+import nb201_api_slim as nb
+
+ROOT = Path(__file__).resolve().parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+NB201_CSV = SHARED_DATA / "nb201_test_accuracy.csv"
+CIFAR_ZIP = SHARED_DATA / "cifar10-jpg.zip"
+BEST_CIFAR10 = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_3x3~1|nor_conv_1x1~2|"
+needs_nb201 = pytest.mark.skipif(not NB201_CSV.exists(), reason="../shared/data/nb201_test_accuracy.csv is absent")
+needs_cifar = pytest.mark.skipif(not CIFAR_ZIP.exists(), reason="../shared/data/cifar10-jpg.zip is absent")
+
+
+# ---------------------------------------------------------------------------------------------
+# Search space
+# ---------------------------------------------------------------------------------------------
+def test_search_space_sizes():
+    assert len(close.ALL_ARCHS) == 15625 == len(set(close.ALL_ARCHS))
+    unique = close.unique_archs()
+    assert len(unique) == 6466 == len(set(unique))
+    assert all(close.canonical(arch) == arch for arch in unique)  # representatives are fixed points
+
+
+def test_arch_string_round_trip_and_known_string():
+    assert close.arch_to_str((3, 3, 3, 1, 3, 2)) == BEST_CIFAR10
+    for arch in close.ALL_ARCHS:
+        assert close.str_to_arch(close.arch_to_str(arch)) == arch
+
+
+@pytest.mark.parametrize("bad", [
+    "", "|nor_conv_3x3~0|", BEST_CIFAR10[:-1], BEST_CIFAR10.replace("~1|", "~0|", 1), BEST_CIFAR10.replace("conv_3x3", "conv_5x5", 1),
+    BEST_CIFAR10 + "+|none~0|", BEST_CIFAR10.replace("|+|", "|+", 1), "|none~0|+|none~0|none~1|+|none~0|none~1|", None, 42])
+def test_bad_arch_strings_are_rejected_naming_the_string(bad):
+    with pytest.raises(ValueError, match="not an NB201 architecture string") as error:
+        close.str_to_arch(bad)
+    assert repr(bad) in str(error.value)
+
+
+def test_isomorphic_cells_share_a_representative():
+    conv = close.CONV3X3
+    # node 1 feeds nothing live: its input edge is dead, so the cell equals the one with 'none' there
+    assert close.canonical((conv, 0, 0, conv, 0, 0)) == close.canonical((0, 0, 0, conv, 0, 0))
+    # a skip_connect into node 1 then a conv to the output computes the same as the conv alone
+    assert close.canonical((close.SKIP, 0, 0, 0, conv, 0)) == close.canonical((0, 0, 0, conv, 0, 0))
+    # the benchmark's rule is finer than function: node 2 always has an edge from node 1, so swapping
+    # the ops of 0->1 and 0->2 gives another class even when 1->2 is none
+    assert close.canonical((conv, 2, 0, 0, 1, 1)) != close.canonical((2, conv, 0, 0, 1, 1))
+    # a different op on a live edge is a different cell
+    assert close.canonical((0, 0, 0, conv, 0, 0)) != close.canonical((0, 0, 0, close.CONV1X1, 0, 0))
+    # all-'none' cells and cells whose output is cut off are one class: the zero cell
+    assert close.canonical((conv, conv, conv, 0, 0, 0)) == close.canonical((0,) * 6)
+
+
+def test_live_edges():
+    conv, skip = close.CONV3X3, close.SKIP
+    assert close.live_edges((0,) * 6) == (False,) * 6
+    assert close.live_edges((conv,) * 6) == (True,) * 6
+    # 0->1 conv but node 1 reaches nothing: dead; 0->3 conv live
+    assert close.live_edges((conv, 0, 0, conv, 0, 0)) == (False, False, False, True, False, False)
+    # node 2 unreachable (0->2 and 1->2 none): its edge 2->3 is dead even though it is not 'none'
+    assert close.live_edges((skip, 0, 0, 0, conv, skip)) == (True, False, False, False, True, False)
+
+
+def test_uniform_sampling_is_over_unique_archs():
+    # training draws an index into unique_archs(): every class once, no isomorphic duplicates
+    keys = {close.isomorphism_key(arch) for arch in close.unique_archs()}
+    assert len(keys) == len(close.unique_archs())
+
+
+# ---------------------------------------------------------------------------------------------
+# CLOSENet: the parameter pool, the sharing assignment, the GATE
+# ---------------------------------------------------------------------------------------------
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_parameter_counts_match_the_official_supernets():
+    vanilla = close.CLOSENet(baseline=True)
+    assert n_params(vanilla) == 1_686_106  # the classic NB201 supernet: one block (op set) per edge
+    assert vanilla.num_blocks == 6 and vanilla.gate is None
+    assert vanilla.sharing_assignment((3,) * 6).blocks == [0, 1, 2, 3, 4, 5]
+    closenet = close.CLOSENet(num_blocks=5)
+    # official 1,664,335 keeps the zero embedding of nodes 1-3 as a frozen parameter; here it is a constant
+    assert n_params(closenet) == 1_664_335 - 48
+    assert n_params(closenet.gate) == 247_029 - 48
+
+
+def test_parameters_grow_linearly_with_blocks_not_with_archs():
+    counts = [n_params(close.CLOSENet(num_blocks=k)) for k in (1, 2, 3, 4)]
+    gate_growth = 201  # one more logit row in the GATE's last layer
+    assert np.diff(counts).tolist() == [268_800 + gate_growth] * 3  # one block = one op-weight set over 15 cells
+
+
+def test_level_one_puts_every_edge_on_block_zero_without_the_gate():
+    model = close.CLOSENet(channels=4, cells=1, num_blocks=3)
+    assignment = model.sharing_assignment((3,) * 6)
+    assert model.level == 1 and assignment.blocks == [0] * 6 and assignment.gate is None
+
+
+def small_batch(n=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=generator), torch.randint(10, (n,), generator=generator)
+
+
+def grown(model, level):
+    while model.level < level:
+        close.add_glow_block(model)
+    return model
+
+
+def test_growth_with_wit_leaves_outputs_unchanged():
+    torch.manual_seed(0)
+    model = close.CLOSENet(channels=4, cells=1, num_blocks=4)
+    optimizer, _ = close.make_optimizer(model, close.Config())
+    images, labels = small_batch()
+    archs = close.unique_archs()[::700]
+    for level in (2, 3, 4):  # train a little between growths so the blocks and the gate differ
+        for arch in archs[:3]:
+            close.train_step(model, optimizer, images, labels, arch, 5.0, False)
+        model.eval()
+        before = [model(images, arch) for arch in archs]
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        close.add_glow_block(model)
+        assert model.level == level
+        assert {id(p) for p in model.parameters()} == held  # in place: the optimizer holds the same tensors
+        for cell in model.cells():
+            for new, old in zip(cell.glow_blocks[level - 1].parameters(), cell.glow_blocks[level - 2].parameters()):
+                assert torch.equal(new, old)
+        last = model.gate.mlp[-1]
+        assert torch.equal(last.weight[level - 1], last.weight[level - 2]) and last.bias[level - 1] == last.bias[level - 2]
+        for arch, out in zip(archs, before):
+            assert torch.equal(model(images, arch), out)
+
+
+def naive_glow_op(x, op, edge, glow_blocks, assignment):
+    """The official formulation: every active block with autograd, weighted by the gate."""
+    if assignment.gate is None:
+        return close.relu_conv_bn(x, glow_blocks[assignment.blocks[edge]].weight(op))
+    gate = assignment.gate[edge]
+    return sum(gate[i] * close.relu_conv_bn(x, glow_blocks[i].weight(op)) for i in range(len(gate)))
+
+
+def gated_assignment(model, arch):
+    """The GATE's straight-through assignment, also at level 1 (where the model skips the gate)."""
+    logits = model.gate(model.all_archs[close.ALL_ARCHS_INDEX[arch]])[:, :model.level]
+    gate = F.gumbel_softmax(logits, tau=close.GUMBEL_TEMPERATURE, hard=True)
+    return close.SharingAssignment(blocks=gate.argmax(-1), gate=gate)
+
+
+def loss_and_grads(model, images, labels, arch, assignment):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)  # the same head dropout mask in both formulations
+    loss = F.cross_entropy(model(images, arch, assignment), labels)
+    loss.backward(retain_graph=True)  # the assignment's graph (the GATE) is reused by the oracle
+    grads = {name: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for name, p in model.named_parameters()}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("level", [1, 2, 3, 4, 5])
+def test_fast_blocks_equal_the_all_blocks_oracle(level, monkeypatch):
+    torch.manual_seed(level)
+    model = grown(close.CLOSENet(channels=4, cells=1, num_blocks=5), level).train()
+    with torch.no_grad():  # make the blocks different, as training would
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    images, labels = small_batch()
+    arch = (3, 2, 3, 1, 3, 2)
+    torch.manual_seed(100)
+    assignment = gated_assignment(model, arch)
+    fast_loss, fast = loss_and_grads(model, images, labels, arch, assignment)
+    monkeypatch.setattr(close, "glow_op", naive_glow_op)
+    oracle_loss, oracle = loss_and_grads(model, images, labels, arch, assignment)
+    assert torch.allclose(fast_loss, oracle_loss, rtol=1e-5, atol=1e-6)
+    for name in oracle:
+        assert torch.allclose(fast[name], oracle[name], rtol=1e-4, atol=1e-6), name
+    gate_grad = torch.cat([g.flatten() for name, g in oracle.items() if name.startswith("gate.")])
+    if level == 1:
+        assert not gate_grad.any()  # one block: softmax of one logit, no signal for the gate
+    else:
+        assert gate_grad.abs().sum() > 0
+
+
+def test_gate_is_hard_in_forward_and_only_chosen_blocks_get_gradient():
+    torch.manual_seed(0)
+    model = grown(close.CLOSENet(channels=4, cells=2, num_blocks=5), 4).train()
+    images, labels = small_batch()
+    arch = (3, 3, 2, 3, 2, 3)  # every edge parameterised and live
+    for trial in range(5):
+        assignment = model.sharing_assignment(arch)
+        gate = assignment.gate
+        assert gate.shape == (6, 4)
+        assert ((gate == 0).sum(-1) == 3).all() and torch.allclose(gate.sum(-1), torch.ones(6))
+        assert torch.equal(gate.argmax(-1), assignment.blocks)
+        _, grads = loss_and_grads(model, images, labels, arch, assignment)
+        used = {(close.CONV3X3 if op == close.CONV3X3 else close.CONV1X1, b) for op, b in zip(arch, assignment.blocks.tolist())}
+        for c, cell in enumerate(model.cells()):
+            for b in range(5):
+                for op, name in ((close.CONV1X1, "conv1x1"), (close.CONV3X3, "conv3x3")):
+                    grad = grads[f"layers.{close_layer_index(model, c)}.glow_blocks.{b}.{name}.weight"]
+                    assert bool(grad.any()) == ((op, b) in used), (trial, c, b, name)
+        assert any(grads[n].any() for n in grads if n.startswith("gate."))
+
+
+def close_layer_index(model, cell_number):
+    return [i for i, layer in enumerate(model.layers) if isinstance(layer, close.Cell)][cell_number]
+
+
+def test_gate_is_out_of_the_graph_and_not_decayed_at_level_one():
+    torch.manual_seed(0)
+    model = close.CLOSENet(channels=4, cells=1, num_blocks=3)
+    optimizer, _ = close.make_optimizer(model, close.Config())
+    before = [p.clone() for p in model.gate.parameters()]
+    images, labels = small_batch()
+    for arch in close.unique_archs()[:4]:
+        close.train_step(model, optimizer, images, labels, arch, 5.0, False)
+    assert all(p.grad is None for p in model.gate.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.gate.parameters()))  # no weight decay at level 1
+    close.add_glow_block(model)
+    close.train_step(model, optimizer, images, labels, (3,) * 6, 5.0, False)
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.gate.parameters()))
+
+
+def test_scoring_is_deterministic_argmax_and_uses_batch_statistics():
+    torch.manual_seed(0)
+    model = grown(close.CLOSENet(channels=4, cells=1, num_blocks=3), 3)
+    images, labels = small_batch(16)
+    first = close.score_arch(model, (3, 2, 1, 3, 4, 2), images, labels, batch_size=8)
+    assert first == close.score_arch(model, (3, 2, 1, 3, 4, 2), images, labels, batch_size=8)
+    model.eval()
+    assert model.sharing_assignment((3,) * 6).gate is None
+    # batch statistics: a batch of one image repeated normalises to the same logits for every copy,
+    # and the logits of a batch depend on the other images in it (no running statistics)
+    a = model(images[:8], (3,) * 6)
+    b = model(torch.cat([images[:4], images[8:12]]), (3,) * 6)
+    assert not torch.allclose(a[:4], b[:4])
+
+
+# ---------------------------------------------------------------------------------------------
+# Curriculum and recipe
+# ---------------------------------------------------------------------------------------------
+def test_curriculum_schedule():
+    levels = [close.curriculum_level(epoch, 250, 5) for epoch in range(250)]
+    starts = [levels.index(level) for level in range(1, 6)]
+    assert starts == [0, 50, 100, 150, 200]  # blocks added after epochs 0, 50, 100, 150, 200
+    official = [close.curriculum_level(epoch, 1000, 5) for epoch in range(1000)]
+    assert [official.index(level) for level in range(1, 6)] == [0, 200, 400, 600, 800]
+    assert close.restart_epoch(close.Config(epochs=1000)) == 400
+
+
+def test_augment_is_a_per_image_crop_and_flip():
+    torch.manual_seed(0)
+    images = torch.arange(2 * 3 * 32 * 32, dtype=torch.int64).reshape(2, 3, 32, 32).float().add(1).repeat(32, 1, 1, 1)
+    out = close.augment(images)
+    assert out.shape == images.shape
+    padded = F.pad(images, (4, 4, 4, 4))
+    distinct = set()
+    for i in range(len(images)):  # each output is one crop of the padded image, possibly mirrored
+        matches = [(dy, dx, flip) for dy in range(9) for dx in range(9) for flip in (False, True)
+                   if torch.equal(out[i], (padded[i, :, dy:dy + 32, dx:dx + 32].flip(-1) if flip else padded[i, :, dy:dy + 32, dx:dx + 32]))]
+        assert len(matches) == 1
+        distinct.add(matches[0])
+    assert len(distinct) > 20  # drawn per image, not once per batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranking metrics
+# ---------------------------------------------------------------------------------------------
+def test_correlations_equal_scipy():
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=200)
+    predicted = truth + rng.normal(size=200)
+    predicted[:20] = predicted[0]  # ties: tau-b
+    metrics = close.ranking_metrics(predicted, truth)
+    assert metrics["kendall_tau"] == pytest.approx(scipy.stats.kendalltau(predicted, truth, variant="b").statistic, abs=1e-12)
+    assert metrics["spearman"] == pytest.approx(scipy.stats.spearmanr(predicted, truth).statistic, abs=1e-12)
+    assert metrics["pearson"] == pytest.approx(scipy.stats.pearsonr(predicted, truth).statistic, abs=1e-12)
+
+
+def test_perfect_and_reversed_rankings():
+    truth = np.arange(100.0)
+    perfect = close.ranking_metrics(truth * 2 + 1, truth)
+    reverse = close.ranking_metrics(-truth, truth)
+    assert perfect["kendall_tau"] == pytest.approx(1) and reverse["kendall_tau"] == pytest.approx(-1)
+    for name, k in (("1%", 1), ("5%", 5), ("10%", 10), ("50%", 50)):
+        assert perfect[f"P@top{name}"] == 1 and perfect[f"P@bottom{name}"] == 1
+        assert perfect[f"BR@{name}"] == 1 and perfect[f"WR@{name}"] == k
+        assert reverse[f"BR@{name}"] == 100 - k + 1 and reverse[f"WR@{name}"] == 100
+    assert reverse["P@top10%"] == 0 and reverse["P@bottom10%"] == 0
+    assert reverse["P@top50%"] == 0
+
+
+def test_precision_and_best_worst_rank_by_hand():
+    truth = [90, 80, 70, 60, 50, 40, 30, 20, 10, 0]      # true ranks 0..9
+    predicted = [5, 9, 1, 8, 2, 3, 4, 0, 7, 6]           # predicted order: archs 1, 3, 8, 9, 0 | 6, 5, 4, 2, 7
+    m = close.ranking_metrics(predicted, truth, ratios=(0.1, 0.2, 0.5))
+    assert m["P@top10%"] == 0 and m["BR@10%"] == 2 and m["WR@10%"] == 2            # top-1 is arch 1 (true rank 1)
+    assert m["P@top20%"] == 0.5 and m["BR@20%"] == 2 and m["WR@20%"] == 4          # {1, 3}: only 1 in true top-2
+    assert m["P@top50%"] == 0.6 and m["BR@50%"] == 1 and m["WR@50%"] == 10         # {1,3,8,9,0} vs {0..4}
+    assert m["P@bottom10%"] == 0 and m["P@bottom20%"] == 0 and m["P@bottom50%"] == 0.6  # {7,2} vs {9,8}; {7,2,4,5,6} vs {5..9}
+    assert close.ranking_metrics([1, 2, 3], [1, 2, 3])["P@top1%"] is None  # k = int(3 * 0.01) = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Evolutionary search
+# ---------------------------------------------------------------------------------------------
+def test_regularized_evolution_finds_the_optimum_of_a_synthetic_fitness():
+    calls = []
+
+    def fitness(arch):  # unique optimum: every edge nor_conv_3x3, then nor_conv_1x1 counts half
+        calls.append(arch)
+        return sum(1.0 if op == close.CONV3X3 else 0.5 if op == close.CONV1X1 else 0.0 for op in arch)
+
+    best, value, history = close.regularized_evolution(fitness, budget=400, population_size=20, tournament_size=5, seed=0)
+    assert best == (close.CONV3X3,) * 6 and value == 6.0
+    assert len(calls) == len(history) == 400  # the budget counts fitness calls
+    assert all(arch in set(close.unique_archs()) for arch in calls)  # searches unique archs only
+
+
+def test_mutation_changes_exactly_the_cell():
+    import random
+    rng = random.Random(0)
+    for arch in close.unique_archs()[::97]:
+        child = close.mutate(arch, rng)
+        assert child != arch and close.canonical(child) == child
+
+
+@needs_nb201
+def test_regularized_evolution_on_the_nb201_table():
+    truth = close.load_ground_truth(str(NB201_CSV))
+    best, value, _ = close.regularized_evolution(truth.__getitem__, budget=1000, seed=0)
+    assert value > 94.0 and sorted(truth.values(), reverse=True).index(value) < 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs: end to end, resume, bad input
+# ---------------------------------------------------------------------------------------------
+TINY = ["--data", "synthetic", "--device", "cpu", "--cells", "1", "--channels", "4", "--batch-size", "128",
+        "--eval-archs", "12", "--eval-batches", "1", "--search-budget", "16", "--population", "6", "--tournament", "3"]
+
+
+def fake_nb201_csv(path):
+    """A made-up table over all 15,625 archs (not NB201's numbers): accuracy grows with conv ops."""
+    table = nb.NB201([close.arch_to_str(a) for a in close.ALL_ARCHS],
+                     {"cifar10": np.array([50 + 5 * sum(op in (2, 3) for op in a) + a[0] for a in close.ALL_ARCHS], dtype=float)})
+    table.save_csv(path)
+    return path
+
+
+def test_end_to_end_run_writes_every_output(tmp_path, capsys):
+    out = tmp_path / "run"
+    nb201 = fake_nb201_csv(tmp_path / "fake.csv")
+    assert close.main(TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out), "--nb201", str(nb201)]) == 0
+    for name in ("config.json", "log.csv", "checkpoint.pt", "scores.csv", "metrics.json", "search.json"):
+        assert (out / name).exists(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["ranking"]["n"] == 12 and -1 <= metrics["ranking"]["kendall_tau"] <= 1
+    assert set(metrics["times"]) == {"data_s", "train_s", "score_s", "search_s"}
+    with open(out / "scores.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 12 and all(row["nb201_accuracy"] for row in rows)
+    log = list(csv.DictReader(open(out / "log.csv")))
+    assert [row["level"] for row in log] == ["1", "2"]
+    search = json.loads((out / "search.json").read_text())
+    assert search["budget"] == 16 and "nb201_rank" in search["best"]
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["model"]["_extra_state"]["level"] == 2
+    printed = capsys.readouterr().out
+    assert "kendall_tau" in printed and "top-5" in printed and "search (16 evaluations)" in printed
+
+
+def test_scoring_and_search_from_a_checkpoint_alone(tmp_path):
+    out = tmp_path / "run"
+    assert close.main(TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out)]) == 0
+    again = tmp_path / "rescored"
+    assert close.main(TINY + ["--load", str(out / "checkpoint.pt"), "--out", str(again)]) == 0
+    assert (again / "scores.csv").read_text() == (out / "scores.csv").read_text()
+
+
+def run_rows(out):
+    log = [{k: v for k, v in row.items() if k not in ("seconds", "images_per_s")} for row in csv.DictReader(open(out / "log.csv"))]
+    return log, (out / "scores.csv").read_text(), torch.load(out / "checkpoint.pt", weights_only=True)
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch):
+    # 3 epochs and 3 blocks: the interruption falls before a growth and the optimizer restart (epoch 1)
+    args = TINY + ["--epochs", "3", "--blocks", "3"]
+    assert close.main(args + ["--out", str(tmp_path / "straight")]) == 0
+
+    real_train_epoch, calls = close.train_epoch, []
+
+    def interrupted_train_epoch(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train_epoch(*a, **k)
+
+    monkeypatch.setattr(close, "train_epoch", interrupted_train_epoch)
+    assert close.main(args + ["--out", str(tmp_path / "resumed")]) == 130
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(close, "train_epoch", real_train_epoch)
+    assert close.main(args + ["--out", str(tmp_path / "resumed"), "--resume"]) == 0
+
+    log_a, scores_a, state_a = run_rows(tmp_path / "straight")
+    log_b, scores_b, state_b = run_rows(tmp_path / "resumed")
+    assert log_a == log_b and scores_a == scores_b
+    assert state_a["model"].keys() == state_b["model"].keys()
+    for name, tensor in state_a["model"].items():
+        assert name == "_extra_state" or torch.equal(tensor, state_b["model"][name]), name
+
+
+def test_scoring_resumes_from_partial_scores(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    assert close.main(TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out)]) == 0
+    complete = (out / "scores.csv").read_text()
+    lines = complete.splitlines(keepends=True)
+    (out / "scores.csv").write_text("".join(lines[:6]) + lines[6][:10])  # 5 rows and a torn one
+    scored = []
+    real_score_arch = close.score_arch
+    monkeypatch.setattr(close, "score_arch", lambda model, arch, *a, **k: scored.append(arch) or real_score_arch(model, arch, *a, **k))
+    assert close.main(TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out), "--resume", "--search-budget", "0"]) == 0
+    assert len(scored) == 12 - 5
+    assert (out / "scores.csv").read_text() == complete
+
+
+def error_line(capsys, argv):
+    code = close.main(argv)
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--device", "tpu"], "unknown device"),
+    (["--epochs", "2", "--blocks", "5"], "smaller than the 5 curriculum stages"),
+    (["--batch-size", "0"], "--batch-size must be positive"),
+    (["--blocks", "0"], "--blocks must be positive"),
+    (["--nb201", "/nonexistent/nb201.csv"], "--nb201 /nonexistent/nb201.csv"),
+    (["--arch", "|nor_conv_3x3~0|+|oops|"], "not an NB201 architecture string"),
+    (["--data", "/nonexistent/folder"], "--data /nonexistent/folder"),
+])
+def test_bad_input_is_one_clear_line_and_touches_nothing(tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    err = error_line(capsys, TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out)] + extra)
+    assert message in err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_a_clear_error(capsys):
+    assert "CUDA is not available" in error_line(capsys, TINY + ["--device", "cuda"])
+
+
+def test_bad_nb201_file_and_bad_image_folders(tmp_path, capsys):
+    garbage = tmp_path / "nb201.pth"
+    garbage.write_bytes(b"not a pickle")
+    assert "--nb201" in error_line(capsys, TINY + ["--nb201", str(garbage), "--out", str(tmp_path / "a")])
+    unknown = tmp_path / "nb201.xyz"
+    unknown.write_text("hello")
+    assert "--nb201" in error_line(capsys, TINY + ["--nb201", str(unknown), "--out", str(tmp_path / "a")])
+    (tmp_path / "empty").mkdir()
+    assert "not an image-folder tree" in error_line(capsys, TINY + ["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "a")])
+    one_class = tmp_path / "one" / "train" / "cat"
+    one_class.mkdir(parents=True)
+    write_png(one_class / "0.png", 0)
+    assert "need at least 2" in error_line(capsys, TINY + ["--data", str(tmp_path / "one"), "--out", str(tmp_path / "a")])
+    assert not (tmp_path / "a").exists()
+
+
+def test_an_out_folder_holding_a_run_is_protected(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert close.main(TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out), "--search-budget", "0"]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "already holds a run" in error_line(capsys, TINY + ["--epochs", "3", "--blocks", "2", "--out", str(out)])
+    err = error_line(capsys, TINY + ["--epochs", "3", "--blocks", "2", "--seed", "1", "--out", str(out), "--resume"])
+    assert "--epochs (2 there, 3 now)" in err and "--seed (0 there, 1 now)" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    real_train_step, calls = close.train_step, []
+
+    def poisoned_train_step(model, optimizer, images, labels, arch, grad_clip, amp):
+        calls.append(arch)
+        loss, logits = real_train_step(model, optimizer, images, labels, arch, grad_clip, amp)
+        return (loss * float("nan") if len(calls) == 8 + 3 else loss), logits  # epoch 2 (8 steps/epoch), step 3
+
+    monkeypatch.setattr(close, "train_step", poisoned_train_step)
+    err = error_line(capsys, TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out)])
+    assert "non-finite in epoch 2, step 3" in err and close.arch_to_str(calls[10]) in err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def test_compare_prints_runs_side_by_side(tmp_path, capsys):
+    nb201 = fake_nb201_csv(tmp_path / "fake.csv")
+    for flag in ([], ["--baseline"]):
+        assert close.main(TINY + ["--epochs", "2", "--blocks", "2", "--nb201", str(nb201), "--out", str(tmp_path / ("b" if flag else "c"))] + flag) == 0
+    capsys.readouterr()
+    assert close.main(["--compare", str(tmp_path / "c"), str(tmp_path / "b")]) == 0
+    table = capsys.readouterr().out
+    assert "kendall_tau" in table.splitlines()[1] and table.splitlines()[0].split() == ["c", "b"]
+
+
+def test_cli_error_exit_code_and_benchmark_in_a_subprocess(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "close.py"), "--data", "synthetic", "--epochs", "1", "--blocks", "5",
+                             "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("close.py: error:") and "Traceback" not in result.stderr
+    result = subprocess.run([sys.executable, str(ROOT / "close.py"), "--benchmark", "--device", "cpu", "--cells", "1", "--channels", "4",
+                             "--blocks", "2", "--batch-size", "8", "--eval-batches", "1", "--benchmark-steps", "1", "--out", str(tmp_path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    bench = json.loads((tmp_path / "benchmark.json").read_text())
+    assert {"vanilla_ms_per_step", "close_level1_ratio", "close_level2_ratio", "score_ms_per_arch"} <= set(bench)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+def write_png(path, value):
+    from PIL import Image
+    Image.fromarray(np.full((32, 32, 3), value, dtype=np.uint8)).save(path)
+
+
+def test_image_folder_split_is_shuffled_not_positional(tmp_path):
+    for label, name in enumerate(("a", "b", "c", "d", "e")):
+        folder = tmp_path / "train" / name
+        folder.mkdir(parents=True)
+        for i in range(10):
+            write_png(folder / f"{i}.png", 40 * label)
+    data = close.image_folder_dataset(tmp_path)
+    assert data.num_classes == 5 and len(data.train_labels) == 40 and len(data.heldout_labels) == 10
+    assert len(set(data.heldout_labels.tolist())) >= 3  # a positional split would hold out the last class only
+    assert all((data.train_images[i] == 40 * data.train_labels[i]).all() for i in range(40))  # labels follow images
+
+
+@needs_cifar
+def test_real_cifar10_folder(tmp_path):
+    with zipfile.ZipFile(CIFAR_ZIP) as archive:
+        members = [m for m in archive.namelist() if m.startswith("cifar10/train/") and m.endswith(".jpg")]
+        archive.extractall(tmp_path, members=[m for m in members if int(Path(m).stem) < 200])
+    data = close.image_folder_dataset(tmp_path / "cifar10")
+    assert data.num_classes == 10 and len(data.train_labels) + len(data.heldout_labels) == 2000
+    assert len(set(data.heldout_labels.tolist())) == 10
+    mean = data.train_images.float().mean((0, 2, 3)) / 255
+    assert torch.allclose(mean, torch.tensor(close.CIFAR10_MEAN), atol=0.03)
+
+
+@needs_nb201
+def test_nb201_table_has_6466_isomorphism_groups():
+    table = nb.load(NB201_CSV)
+    groups = table.group_accuracies(lambda text: close.canonical(close.str_to_arch(text)))
+    assert len(groups) == 6466 and set(groups) == set(close.unique_archs())
+    assert max(groups.values()) == pytest.approx(94.37, abs=0.005)
+    assert close.load_ground_truth(str(NB201_CSV)) == groups
+
+
+# ---------------------------------------------------------------------------------------------
+# nb201_api_slim: tiny fixtures in each official layout, CSV round trips, errors, the real table
+# ---------------------------------------------------------------------------------------------
+NB201_MODULE = Path(nb.__file__).resolve()
+NB201_SHARED_CSV = Path(__file__).resolve().parent.parent / "shared" / "data" / "nb201_test_accuracy.csv"
+
+# Five cells written out by hand (not generated by the module under test).
+NB201_ARCHS = [
+    "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_3x3~1|nor_conv_1x1~2|",
+    "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|",
+    "|skip_connect~0|+|nor_conv_1x1~0|nor_conv_3x3~1|+|avg_pool_3x3~0|none~1|skip_connect~2|",
+    "|avg_pool_3x3~0|+|avg_pool_3x3~0|avg_pool_3x3~1|+|avg_pool_3x3~0|avg_pool_3x3~1|avg_pool_3x3~2|",
+    "|nor_conv_1x1~0|+|skip_connect~0|none~1|+|nor_conv_3x3~0|nor_conv_1x1~1|avg_pool_3x3~2|",
+]
+NB201_OPS = [(3, 3, 3, 1, 3, 2), (0, 0, 0, 0, 0, 0), (1, 2, 3, 4, 0, 1), (4, 4, 4, 4, 4, 4), (2, 1, 0, 3, 2, 4)]
+NB201_ALL = ("cifar10", "cifar100", "ImageNet16-120", "cifar10-valid")
+NB201_FULL_COLUMNS = NB201_ALL + tuple(f"{d}@12" for d in NB201_ALL)
+# Splits each official trial records; the one get_more_info calls 'test' is listed in TEST.
+NB201_SPLITS = {"cifar10": ["ori-test"], "cifar10-valid": ["x-valid", "ori-test"],
+                "cifar100": ["ori-test", "x-valid", "x-test"], "ImageNet16-120": ["ori-test", "x-valid", "x-test"]}
+NB201_TEST = {"cifar10": "ori-test", "cifar10-valid": "ori-test", "cifar100": "x-test", "ImageNet16-120": "x-test"}
+
+
+def nb201_expected(index, dataset, epochs):
+    """Made-up mean test accuracy; arch 0 is best except on ImageNet16-120 (arch 4)."""
+    base = [70.1234, 50.5, 55.25, 45.0, 62.0][index]
+    base += {"cifar10": 5, "cifar100": -30, "ImageNet16-120": -40, "cifar10-valid": 3}[dataset]
+    if dataset == "ImageNet16-120" and index == 4:
+        base += 10
+    return base + (8 if epochs == 200 else 0)
+
+
+def nb201_seeds(index, dataset, epochs):
+    """Seed -> offset from the mean; the number of seeds varies like in the real benchmark."""
+    if epochs == 12:
+        return {111: -0.2, 777: 0.2} if dataset == "cifar10-valid" else {111: 0.0}
+    if index == 1 and dataset == "cifar10":
+        return {777: 0.0}
+    if index == 4:
+        return {888: -0.3, 999: 0.3}
+    return {777: -0.5, 888: 0.25, 999: 0.25}
+
+
+def nb201_trial(arch, dataset, seed, epochs, test_acc):
+    """A ResultsCount state dict: per-epoch metrics keyed '<split>@<epoch>'. Other epochs and
+    other splits hold different numbers, so reading the wrong key gives a wrong answer."""
+    accs = {}
+    for split_no, split in enumerate(NB201_SPLITS[dataset]):
+        for epoch in range(epochs):
+            accs[f"{split}@{epoch}"] = test_acc - 30 + epoch * 0.01
+        if split != NB201_TEST[dataset]:
+            accs[f"{split}@{epochs - 1}"] = test_acc - 2 - split_no
+    accs[f"{NB201_TEST[dataset]}@{epochs - 1}"] = test_acc
+    return {"name": dataset, "net_state_dict": None, "seed": seed, "epochs": epochs,
+            "train_acc1es": {e: 99.0 for e in range(epochs)}, "train_acc5es": None,
+            "train_losses": {e: 0.1 for e in range(epochs)}, "train_times": {e: 9.0 for e in range(epochs)},
+            "arch_config": {"channel": 16, "num_cells": 5, "arch_str": arch, "class_num": 10},
+            "params": 0.5, "flop": 50.0, "latency": [0.02], "eval_names": list(NB201_SPLITS[dataset]),
+            "eval_acc1es": accs, "eval_losses": {k: 1.0 for k in accs}, "eval_times": {k: 0.5 for k in accs}}
+
+
+def nb201_arch_results(index, epochs, datasets):
+    """An ArchResults state dict for one architecture and one training schedule."""
+    arch = NB201_ARCHS[index]
+    all_results, dataset_seed = {}, {}
+    for dataset in datasets:
+        seeds = nb201_seeds(index, dataset, epochs)
+        dataset_seed[dataset] = sorted(seeds)
+        for seed, offset in seeds.items():
+            test_acc = nb201_expected(index, dataset, epochs) + offset
+            all_results[(dataset, seed)] = nb201_trial(arch, dataset, seed, epochs, test_acc)
+    return {"arch_index": index, "arch_str": arch, "all_results": all_results,
+            "dataset_seed": dataset_seed, "clear_net_done": True}
+
+
+def nb201_per_hp(index, less_key, full_key, less_datasets=NB201_ALL):
+    return {less_key: nb201_arch_results(index, 12, less_datasets),
+            full_key: nb201_arch_results(index, 200, NB201_ALL)}
+
+
+def nb201_benchmark(less_key, full_key, less_datasets=NB201_ALL):
+    return {"meta_archs": list(NB201_ARCHS),
+            "arch2infos": {i: nb201_per_hp(i, less_key, full_key, less_datasets) for i in range(5)},
+            "evaluated_indexes": list(range(5))}
+
+
+def nb201_write_pbz2(obj, path):
+    with bz2.open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=4)
+
+
+@pytest.fixture(scope="module")
+def nb201_sources(tmp_path_factory):
+    """One tiny benchmark in each official layout."""
+    torch = pytest.importorskip("torch")
+    root = tmp_path_factory.mktemp("nb201_sources")
+    sources = {"pth": root / "NAS-Bench-201-v1_1-096897.pth",
+               "pth_v1_0": root / "NAS-Bench-201-v1_0-e61699.pth",
+               "pbz2": root / "NATS-tss-v1_0-3ffb9.pickle.pbz2",
+               "nats_dir": root / "NATS-tss-v1_0-3ffb9-simple"}
+    torch.save(nb201_benchmark("less", "full"), sources["pth"])
+    # v1_0 trained the 12-epoch schedule on cifar10-valid only.
+    torch.save(nb201_benchmark("less", "full", less_datasets=("cifar10-valid",)), sources["pth_v1_0"])
+    nb201_write_pbz2(nb201_benchmark("12", "200"), sources["pbz2"])
+    sources["nats_dir"].mkdir()
+    nb201_write_pbz2({"meta_archs": list(NB201_ARCHS)}, sources["nats_dir"] / "meta.pickle.pbz2")
+    for i in range(5):
+        name = f"{i:06d}.pickle.pbz2" if i != 4 else "4.pickle.pbz2"  # both names occur officially
+        nb201_write_pbz2(nb201_per_hp(i, "12", "200"), sources["nats_dir"] / name)
+    return sources
+
+
+@pytest.fixture(scope="module")
+def nb201_tables(nb201_sources):
+    """Tables loaded once, for tests that only query them."""
+    return {layout: nb.load(path) for layout, path in nb201_sources.items()}
+
+
+def nb201_assert_expected_table(table, columns=NB201_FULL_COLUMNS):
+    assert len(table) == 5
+    assert table.archs == NB201_ARCHS
+    assert list(table) == list(enumerate(NB201_ARCHS))
+    assert table.datasets == columns
+    for i in range(5):
+        for column in columns:
+            dataset, _, epochs = column.partition("@")
+            epochs = int(epochs or 200)
+            assert table.accuracy(i, dataset, epochs) == pytest.approx(nb201_expected(i, dataset, epochs), abs=5e-5)
+
+
+# ---- arch strings ---------------------------------------------------------------------------
+
+def test_nb201_arch_string_and_ops_convert_both_ways():
+    for arch, ops in zip(NB201_ARCHS, NB201_OPS):
+        assert nb.ops_to_arch_string(ops) == arch
+        assert nb.arch_string_to_ops(arch) == ops
+    every_ops = [tuple(int(c) for c in np.base_repr(n, 5).zfill(6)) for n in range(5 ** 6)]
+    strings = {nb.ops_to_arch_string(ops) for ops in every_ops}
+    assert len(strings) == 5 ** 6
+    assert all(nb.arch_string_to_ops(nb.ops_to_arch_string(ops)) == ops for ops in every_ops[::97])
+
+
+@pytest.mark.parametrize("bad", [
+    "", "|nor_conv_3x3~0|", NB201_ARCHS[0] + "|", NB201_ARCHS[0].replace("~1|", "~0|", 1),
+    NB201_ARCHS[1].replace("none~0|+", "conv~0|+", 1), NB201_ARCHS[0].replace("+", "+ ", 1),
+    "|none~0|+|none~0|none~1|+|none~0|none~1|", None])
+def test_nb201_malformed_arch_string_is_rejected(bad):
+    with pytest.raises(ValueError, match="not a NAS-Bench-201 cell string") as err:
+        nb.arch_string_to_ops(bad)
+    assert repr(bad) in str(err.value)
+
+
+@pytest.mark.parametrize("bad", [(3, 3, 3, 1, 3), (3, 3, 3, 1, 3, 5), (3, 3, 3, 1, 3, -1), (3, 3, 3, 1, 3, True),
+                                 ("3", 3, 3, 1, 3, 2), (3, 3, 3, 1, 3, 2.0)])
+def test_nb201_malformed_ops_are_rejected(bad):
+    with pytest.raises(ValueError, match="6 op indices"):
+        nb.ops_to_arch_string(bad)
+
+
+# ---- official layouts -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["pth", "pbz2", "nats_dir"])
+def test_nb201_each_official_layout_gives_mean_test_accuracy(nb201_sources, layout):
+    table = nb.load(nb201_sources[layout])
+    nb201_assert_expected_table(table)
+    assert table.index_of((3, 3, 3, 1, 3, 2)) == 0 and table.arch_string(2) == NB201_ARCHS[2]
+
+
+def test_nb201_all_layouts_agree_exactly(nb201_sources):
+    tables = [nb.load(nb201_sources[k]) for k in ("pth", "pbz2", "nats_dir")]
+    for column in NB201_FULL_COLUMNS:
+        first = tables[0].accuracies(column)
+        for other in tables[1:]:
+            np.testing.assert_array_equal(other.accuracies(column), first)
+
+
+def test_nb201_v1_0_has_12_epoch_results_for_cifar10_valid_only(nb201_sources):
+    table = nb.load(nb201_sources["pth_v1_0"])
+    nb201_assert_expected_table(table, NB201_ALL + ("cifar10-valid@12",))
+    with pytest.raises(ValueError, match="cifar10-valid@12") as err:
+        table.accuracy(0, "cifar10", epochs=12)
+    assert "cifar10@12" in str(err.value)
+
+
+def test_nb201_lookup_by_index_string_tuple_list_array_agree(nb201_tables):
+    table = nb201_tables["pbz2"]
+    forms = [2, np.int64(2), NB201_ARCHS[2], NB201_OPS[2], list(NB201_OPS[2]), np.array(NB201_OPS[2])]
+    assert {table.index_of(form) for form in forms} == {2}
+    assert [table.accuracy(form, "cifar100") for form in forms] == [pytest.approx(nb201_expected(2, "cifar100", 200))] * 6
+    assert table.accuracy(NB201_ARCHS[1]) == pytest.approx(nb201_expected(1, "cifar10", 200))
+    # A dataset name from .datasets also works on its own.
+    assert table.accuracy(3, "ImageNet16-120@12") == table.accuracy(3, "ImageNet16-120", epochs=12)
+
+
+@pytest.mark.parametrize("arch, message", [
+    ("|none~0|+|none~0|none~1|+|none~0|none~1|skip_connect~2|", "not in this table"),  # valid, absent
+    ((0, 0, 0, 0, 0, 1), "not in this table"),
+    ("|none~0|+|none~0|", "not a NAS-Bench-201 cell string"),
+    ((0, 0, 0), "6 op indices"), (5, "outside 0..4"), (-1, "outside 0..4"), (True, "not an index"), (1.0, "not an index"),
+])
+def test_nb201_unknown_or_malformed_arch_names_it(nb201_tables, arch, message):
+    table = nb201_tables["pbz2"]
+    for call in (lambda: table.index_of(arch), lambda: table.accuracy(arch)):
+        with pytest.raises(ValueError, match=message) as err:
+            call()
+        assert str(arch) in str(err.value) or repr(arch) in str(err.value)
+
+
+@pytest.mark.parametrize("dataset, epochs", [("imagenet", 200), ("cifar10", 100), ("cifar10", "200"), ("cifar10@12", 12)])
+def test_nb201_unknown_dataset_or_epochs_lists_what_is_available(nb201_tables, dataset, epochs):
+    table = nb201_tables["pth_v1_0"]
+    with pytest.raises(ValueError) as err:
+        table.accuracy(0, dataset, epochs)
+    assert "available: cifar10, cifar100, ImageNet16-120, cifar10-valid, cifar10-valid@12" in str(err.value)
+    with pytest.raises(ValueError):
+        table.group_accuracies(len, dataset, epochs)
+
+
+def test_nb201_group_accuracies_averages_per_key(nb201_tables):
+    table = nb201_tables["nats_dir"]
+    groups = table.group_accuracies(lambda arch: arch.count("none"), "cifar100", epochs=12)
+    # 'none' counts of the five archs: 0, 6, 1, 0, 1
+    e = [nb201_expected(i, "cifar100", 12) for i in range(5)]
+    assert groups == {0: pytest.approx((e[0] + e[3]) / 2), 6: pytest.approx(e[1]), 1: pytest.approx((e[2] + e[4]) / 2)}
+    by_arch = table.group_accuracies(lambda arch: arch)
+    assert by_arch == {a: pytest.approx(nb201_expected(i, "cifar10", 200)) for i, a in enumerate(NB201_ARCHS)}
+
+
+def test_nb201_missing_archive_file_gives_clear_error_and_empty_csv_field(nb201_sources, tmp_path):
+    partial = tmp_path / "NATS-tss-v1_0-3ffb9-simple"
+    partial.mkdir()
+    for f in nb201_sources["nats_dir"].iterdir():
+        if f.name != "000002.pickle.pbz2":
+            (partial / f.name).write_bytes(f.read_bytes())
+    for table in (nb.load(partial), None):
+        if table is None:  # the same checks after a CSV round trip
+            table = nb.load(tmp_path / "partial.csv")
+        else:
+            table.save_csv(tmp_path / "partial.csv")
+        with pytest.raises(ValueError, match="no cifar10 result for architecture 2"):
+            table.accuracy(2)
+        assert np.isnan(table.accuracies()[2]) and table.accuracy(3) == pytest.approx(nb201_expected(3, "cifar10", 200))
+        assert NB201_ARCHS[2] not in table.group_accuracies(lambda a: a)
+    row_2 = (tmp_path / "partial.csv").read_text().splitlines()[3]
+    assert row_2 == "2," + NB201_ARCHS[2] + ",,,,,,,,"
+
+
+# ---- CSV and CLI ----------------------------------------------------------------------------
+
+def test_nb201_csv_round_trip_and_plain_csv_readability(nb201_sources, tmp_path):
+    table = nb.load(nb201_sources["pth"])
+    out = tmp_path / "nb201.csv"
+    table.save_csv(out)
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["index", "arch", *NB201_FULL_COLUMNS]
+    assert rows[0]["arch"] == NB201_ARCHS[0] and rows[0]["cifar10"] == "83.1234"
+    assert rows[4]["ImageNet16-120@12"] == f"{nb201_expected(4, 'ImageNet16-120', 12):.4f}"
+    nb201_assert_expected_table(nb.load(out))
+    again = tmp_path / "again.csv"
+    nb.load(out).save_csv(again)
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_nb201_csv_is_never_unpickled(nb201_sources, tmp_path, monkeypatch):
+    out = tmp_path / "nb201.csv"
+    nb.load(nb201_sources["pbz2"]).save_csv(out)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a CSV path reached an unpickler")
+    monkeypatch.setattr(nb.pickle, "load", forbidden)
+    monkeypatch.setattr(nb, "_torch_load", forbidden)
+    nb201_assert_expected_table(nb.load(out))
+    renamed = tmp_path / "nb201.pth"  # a CSV under a pickle name is refused before unpickling
+    renamed.write_bytes(out.read_bytes())
+    with pytest.raises(ValueError, match="looks like the compact CSV") as err:
+        nb.load(renamed)
+    assert str(renamed) in str(err.value)
+
+
+def test_nb201_cli_convert_round_trips_and_info_prints_best(nb201_sources, tmp_path, capsys):
+    out = tmp_path / "converted.csv"
+    assert nb.main(["convert", str(nb201_sources["nats_dir"]), str(out)]) == 0
+    nb201_assert_expected_table(nb.load(out))
+    capsys.readouterr()
+    assert nb.main(["info", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "5 architectures" in lines[0]
+    best = {line.split()[0]: line for line in lines[1:]}
+    assert set(best) == set(NB201_FULL_COLUMNS)
+    assert f"index 0 {NB201_ARCHS[0]}" in best["cifar10"] and "83.1234%" in best["cifar10"]
+    assert f"index 4 {NB201_ARCHS[4]}" in best["ImageNet16-120"]
+
+
+def test_nb201_cli_convert_bad_source_fails_naming_it(tmp_path, capsys):
+    bad, out = tmp_path / "broken.pth", tmp_path / "out.csv"
+    bad.write_bytes(b"\x00not a torch file")
+    assert nb.main(["convert", str(bad), str(out)]) == 1
+    assert str(bad) in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit):
+        nb.main(["convert", str(bad), str(tmp_path / "out.txt")])
+
+
+def test_nb201_cli_help_warns_that_official_files_are_pickles():
+    for argv in (["--help"], ["convert", "--help"]):
+        result = subprocess.run([sys.executable, str(NB201_MODULE), *argv], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0
+        text = " ".join(result.stdout.split())
+        assert "pickles" in text and "Only load files you trust" in text and "never unpickled" in text
+
+
+# ---- broken inputs ---------------------------------------------------------------------------
+
+def nb201_bad_inputs(root, torch):
+    """name -> (path, text the error must contain besides the path)."""
+    good_csv = "index,arch,cifar10\n0," + NB201_ARCHS[0] + ",94.1\n"
+    no_eval = nb201_benchmark("less", "full")
+    del no_eval["arch2infos"][3]["full"]["all_results"][("cifar100", 777)]["eval_acc1es"]
+    files = {
+        "missing": (root / "absent.csv", None, "no such file"),
+        "garbage_pth": (root / "g.pth", b"PK\x03\x04garbage" * 10, "NAS-Bench-201 .pth"),
+        "not_bz2": (root / "g.pickle.pbz2", b"plain bytes", "bz2"),
+        "wrong_suffix": (root / "table.txt", good_csv.encode(), "unknown format"),
+        "csv_header": (root / "h.csv", good_csv.replace("index,arch", "idx,arch").encode(), "header"),
+        "csv_no_columns": (root / "n.csv", b"index,arch\n0," + NB201_ARCHS[0].encode() + b"\n", "header"),
+        "csv_index": (root / "i.csv", good_csv.replace("\n0,", "\n1,").encode(), "expected index 0"),
+        "csv_value": (root / "v.csv", good_csv.replace("94.1", "high").encode(), ":2: could not convert"),
+        "csv_arch": (root / "a.csv", good_csv.replace("~2|", "~3|").encode(), ":2:"),
+        "csv_fields": (root / "f.csv", good_csv.replace(",94.1", ",94.1,1").encode(), "expected index 0"),
+        "csv_empty": (root / "e.csv", b"", "header"),
+        "csv_duplicate": (root / "d.csv", (good_csv + "1," + NB201_ARCHS[0] + ",1\n").encode(), "not unique"),
+        "empty_dir": (root / "empty_dir", "dir", "meta.pickle.pbz2"),
+        "no_archives": (root / "NATS-tss-v1_0-3ffb9-simple", "meta", "no per-architecture results"),
+    }
+    made = {}
+    for name, (path, content, expected) in files.items():
+        if content == "dir":
+            path.mkdir()
+        elif content == "meta":
+            path.mkdir()
+            nb201_write_pbz2({"meta_archs": list(NB201_ARCHS)}, path / "meta.pickle.pbz2")
+        elif content is not None:
+            path.write_bytes(content)
+        made[name] = (path, expected)
+    objects = {"list_pbz2": ([1, 2], "meta_archs"),
+               "size_space": (dict(nb201_benchmark("12", "200"), meta_archs=["64:64:64:64:64"] * 5),
+                              "not a NAS-Bench-201 cell string"),
+               "no_eval_key": (no_eval, "unexpected layout")}
+    for name, (obj, expected) in objects.items():
+        nb201_write_pbz2(obj, root / f"{name}.pickle.pbz2")
+        made[name] = (root / f"{name}.pickle.pbz2", expected)
+    torch.save({"meta_archs": NB201_ARCHS}, root / "no_infos.pth")
+    made["pth_missing_keys"] = (root / "no_infos.pth", "arch2infos")
+    return made
+
+
+def test_nb201_broken_inputs_fail_with_message_naming_the_path(tmp_path):
+    torch = pytest.importorskip("torch")
+    for name, (path, expected) in nb201_bad_inputs(tmp_path, torch).items():
+        with pytest.raises(ValueError) as err:
+            nb.load(path)
+        message = str(err.value)
+        assert isinstance(err.value, nb.NB201FormatError), name
+        assert str(path) in message, (name, message)
+        assert expected in message, (name, message)
+
+
+# ---- the real table (../shared/data, absent on users' machines) -------------------------------
+
+@pytest.fixture(scope="module")
+def nb201_real():
+    if not NB201_SHARED_CSV.is_file():
+        pytest.skip(f"{NB201_SHARED_CSV} not present")
+    return nb.load(NB201_SHARED_CSV)
+
+
+def test_nb201_real_csv_known_facts(nb201_real):
+    assert len(nb201_real) == 15625
+    assert nb201_real.datasets == ("cifar10", "cifar100", "ImageNet16-120")
+    best = int(np.argmax(nb201_real.accuracies("cifar10")))
+    assert best == 6111
+    assert nb201_real.arch_string(6111) == NB201_ARCHS[0]
+    assert nb201_real.accuracy(6111) == pytest.approx(94.37, abs=0.005)
+    assert nb201_real.index_of((3, 3, 3, 1, 3, 2)) == 6111
+    # Best test accuracies reported in the NAS-Bench-201 paper.
+    assert np.max(nb201_real.accuracies("cifar100")) == pytest.approx(73.51, abs=0.005)
+    assert np.max(nb201_real.accuracies("ImageNet16-120")) == pytest.approx(47.31, abs=0.005)
+    assert not np.isnan(np.stack([nb201_real.accuracies(d) for d in nb201_real.datasets])).any()
+
+
+def test_nb201_real_csv_index_string_tuple_round_trip(nb201_real):
+    seen = set()
+    for index, arch in nb201_real:
+        ops = nb.arch_string_to_ops(arch)
+        assert nb201_real.index_of(arch) == index == nb201_real.index_of(ops)
+        assert nb201_real.arch_string(index) == arch
+        seen.add(ops)
+    assert len(seen) == 5 ** 6  # every cell exactly once
+
+
+def test_nb201_real_csv_is_rewritten_byte_for_byte(nb201_real, tmp_path):
+    out = tmp_path / "copy.csv"
+    nb201_real.save_csv(out)
+    assert out.read_bytes() == NB201_SHARED_CSV.read_bytes()
