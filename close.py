@@ -359,8 +359,8 @@ class UnchosenBlocks(torch.autograd.Function):
         values, = ctx.saved_tensors
         batch, blocks, channels = values.shape[:3]
         # one batched matmul over pixels; [B,K,C,H,W] -> [B*H*W, K, C] is a view in channels_last
-        values = values.permute(0, 3, 4, 1, 2).reshape(-1, blocks, channels)
-        grad = grad_out.permute(0, 2, 3, 1).reshape(-1, channels, 1).to(values.dtype)
+        values = values.permute(0, 3, 4, 1, 2).reshape(-1, blocks, channels).float()  # fp32 under bf16 autocast
+        grad = grad_out.permute(0, 2, 3, 1).reshape(-1, channels, 1).float()
         return grad_out, torch.bmm(values, grad).sum((0, 2)).to(ctx.gate_dtype), None
 
 
@@ -832,7 +832,7 @@ def train(model, data, cfg, out, amp):
         write_csv(out / "log.csv", LOG_FIELDS, [[row[name] for name in LOG_FIELDS] for row in log])
         eta = (time.time() - started) / (epoch + 1 - start) * (cfg.epochs - epoch - 1)
         print(f"epoch {epoch + 1:4d}/{cfg.epochs}  loss {stats['loss']:.4f}  acc {100 * stats['accuracy']:5.1f}%  "
-              f"lr {lr:.4g}  level {model.level}  {images_seen / (time.time() - started):,.0f} img/s  ETA {eta / 60:.1f} min", flush=True)
+              f"lr {lr:.4g}  {'' if model.baseline else f'level {model.level}  '}{images_seen / (time.time() - started):,.0f} img/s  ETA {eta / 60:.1f} min", flush=True)
     return log
 
 
@@ -937,8 +937,7 @@ def run(cfg, resume=False, load="", arch_strings=()):
     # the ground truth is read only after scoring and never by the search
     truth_ranks = None
     if truth is not None:
-        ranked = sorted(truth, key=truth.get, reverse=True)
-        truth_ranks = {arch: rank + 1 for rank, arch in enumerate(ranked)}  # 1 = best of the 6,466
+        truth_ranks = dict(zip(truth, (true_ranks(list(truth.values())) + 1).tolist()))  # 1 = best of the 6,466
         metrics = ranking_metrics([scores[a][0] for a in archs], [truth[a] for a in archs])
     else:
         metrics = None
@@ -1037,10 +1036,15 @@ def plot_run(out, scores, truth, archs, log, metrics):
         left.set_xlabel("one-shot accuracy (%)")
     left.set_ylabel("one-shot accuracy (%)")
     if log:
-        right.plot([row["epoch"] for row in log], [row["loss"] for row in log], label="train loss")
-        right.plot([row["epoch"] for row in log], [row["level"] for row in log], label="level (active blocks)")
+        epochs = [row["epoch"] for row in log]
+        right.plot(epochs, [row["loss"] for row in log], label="train loss")
         right.set_xlabel("epoch")
-        right.legend()
+        right.set_ylabel("train loss")
+        level = right.twinx()
+        level.yaxis.get_major_locator().set_params(integer=True)
+        level.step(epochs, [row["level"] for row in log], where="post", color="gray", linestyle="--")
+        level.set_ylabel("curriculum level (active blocks, dashed)")
+        right.set_title("training")
     figure.tight_layout()
     figure.savefig(out / "ranking.png", dpi=120)
     plt.close(figure)
