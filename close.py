@@ -87,6 +87,7 @@ NONE, SKIP, CONV1X1, CONV3X3, AVG_POOL = range(len(OPS))
 # the op index on each of these 6 edges (from, to), in the order of the official arch string.
 EDGES = ((0, 1), (0, 2), (1, 2), (0, 3), (1, 3), (2, 3))
 ALL_ARCHS = tuple(itertools.product(range(len(OPS)), repeat=len(EDGES)))  # 5^6 = 15,625
+ALL_ARCHS_INDEX = {arch: i for i, arch in enumerate(ALL_ARCHS)}
 
 
 def arch_to_str(arch):
@@ -430,8 +431,7 @@ class Gate(nn.Module):
         op_matrix = torch.zeros(4, 4, dtype=torch.long, device=arch.device).index_put((self.edge_dst, self.edge_src), arch)
         op_features = self.op_embedding(op_matrix)                      # [to, from, embedding]
         is_edge = (op_matrix != NONE).unsqueeze(-1)
-        h = torch.cat([self.input_node_embedding[None], self.input_node_embedding.new_zeros(3, self.input_node_embedding.shape[0])])
-        h = self.lift(h)
+        h = self.lift(F.pad(self.input_node_embedding[None], (0, 0, 0, 3)))  # node 0: learned; nodes 1-3: zeros
         for layer, (message, attention) in enumerate(zip(self.messages, self.attention)):
             support = message(h)                                        # [node, width]
             att = torch.sigmoid(attention(op_features)) * is_edge       # [to, from, width]
@@ -498,8 +498,6 @@ class CLOSENet(nn.Module):
     def set_extra_state(self, state):
         self.level = state["level"]
 
-
-ALL_ARCHS_INDEX = {arch: i for i, arch in enumerate(ALL_ARCHS)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -800,8 +798,6 @@ def train(model, data, cfg, out, amp):
     if checkpoint.exists():
         state = load_checkpoint(checkpoint, data.train_images.device)
         model.load_state_dict(state["model"])
-        if state["epoch"] > restart_epoch(cfg) > 0:
-            optimizer, scheduler = make_optimizer(model, cfg)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_states(state["rng"])
@@ -894,6 +890,20 @@ def describe(arch, scores, truth, truth_ranks):
     return row
 
 
+def search_with_supernet(model, images, labels, cfg, scores, amp):
+    """Regularized evolution with the one-shot accuracy as fitness (never the ground truth)."""
+    scores = dict(scores)
+
+    def fitness(arch):  # archs outside the scored set are scored on demand
+        if arch not in scores:
+            scores[arch] = score_arch(model, arch, images, labels, cfg.batch_size, amp)
+        return scores[arch][0]
+
+    best, _, history = regularized_evolution(fitness, cfg.search_budget, cfg.population, cfg.tournament, cfg.seed)
+    return {"best": best, "scores": scores, "budget": cfg.search_budget, "unique_evaluated": len({a for a, _ in history}),
+            "population": cfg.population, "tournament": cfg.tournament}
+
+
 def run(cfg, resume=False, load="", arch_strings=()):
     """train -> score -> search, everything written into the output folder."""
     check_config(cfg)
@@ -902,9 +912,10 @@ def run(cfg, resume=False, load="", arch_strings=()):
     except ValueError as error:
         raise UsageError(f"--arch: {error}") from None
     device = resolve_device(cfg.device)
-    if load:  # score and search a trained supernet: its architecture options come from the checkpoint
+    if load:  # score and search a trained supernet: its architecture comes from the checkpoint
         saved = load_checkpoint(load, device)
-        cfg = Config(**{**asdict(cfg), **{name: saved["config"][name] for name in RUN_OPTIONS}})
+        cfg = Config(**{**asdict(cfg), **{name: saved["config"][name] for name in ("blocks", "baseline", "channels", "cells")},
+                        "out": cfg.out or str(Path(load).parent / "rescored")})
     # every input is checked before the output folder is touched
     truth = load_ground_truth(cfg.nb201) if cfg.nb201 else None
     times, started = {}, time.time()
@@ -935,28 +946,20 @@ def run(cfg, resume=False, load="", arch_strings=()):
     times["score_s"] = time.time() - started
 
     # the ground truth is read only after scoring and never by the search
-    truth_ranks = None
-    if truth is not None:
-        truth_ranks = dict(zip(truth, (true_ranks(list(truth.values())) + 1).tolist()))  # 1 = best of the 6,466
-        metrics = ranking_metrics([scores[a][0] for a in archs], [truth[a] for a in archs])
-    else:
-        metrics = None
+    metrics = truth_ranks = None
+    if truth is not None:  # class means and ranks (1 = best of the 6,466), looked up for any arch
+        class_ranks = dict(zip(truth, (true_ranks(list(truth.values())) + 1).tolist()))
+        truth = {arch: truth[canonical(arch)] for arch in ALL_ARCHS}
+        truth_ranks = {arch: class_ranks[canonical(arch)] for arch in ALL_ARCHS}
+        if len(archs) > 1:
+            metrics = ranking_metrics([scores[a][0] for a in archs], [truth[a] for a in archs])
     write_csv(out / "scores.csv", SCORE_FIELDS, [[arch_to_str(a), *scores[a], truth[a] if truth else ""] for a in archs])
 
     started = time.time()
     search = None
     if cfg.search_budget:
-        search_scores = dict(scores)
-
-        def fitness(arch):  # one-shot accuracy; archs outside the scored set are scored on demand
-            if arch not in search_scores:
-                search_scores[arch] = score_arch(model, arch, images, labels, cfg.batch_size, amp)
-            return search_scores[arch][0]
-
-        best, _, history = regularized_evolution(fitness, cfg.search_budget, cfg.population, cfg.tournament, cfg.seed)
-        search = {"best": describe(best, search_scores, truth, truth_ranks), "budget": cfg.search_budget,
-                  "unique_evaluated": len({arch for arch, _ in history}), "population": cfg.population,
-                  "tournament": cfg.tournament}
+        search = search_with_supernet(model, images, labels, cfg, scores, amp)
+        search["best"] = describe(search["best"], search.pop("scores"), truth, truth_ranks)
         write_atomic(out / "search.json", json.dumps(search, indent=2))
     times["search_s"] = time.time() - started
 
@@ -1027,7 +1030,7 @@ def plot_run(out, scores, truth, archs, log, metrics):
         print("matplotlib is not installed: ranking.png skipped")
         return
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    if truth is not None:
+    if metrics is not None:
         left.scatter([truth[a] for a in archs], [scores[a][0] for a in archs], s=4, alpha=0.5)
         left.set_xlabel("NB201 CIFAR-10 test accuracy (%)")
         left.set_title(f"Kendall tau {metrics['kendall_tau']:.3f} over {len(archs)} archs")
@@ -1064,14 +1067,15 @@ def benchmark(cfg, steps):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def ms_per_step(model):
-        optimizer, _ = make_optimizer(model, cfg)
+    def ms_per_step(model, layout=memory_format(device)):
+        optimizer, _ = make_optimizer(model.to(memory_format=layout), cfg)
+        x = images.contiguous(memory_format=layout)
         for i in range(2):  # warm-up (allocator, cuDNN autotuning)
-            train_step(model.train(), optimizer, images, data.train_labels, archs[i], cfg.grad_clip, amp)
+            train_step(model.train(), optimizer, x, data.train_labels, archs[i], cfg.grad_clip, amp)
         sync()
         started = time.perf_counter()
         for i in range(steps):
-            train_step(model.train(), optimizer, images, data.train_labels, archs[i % len(archs)], cfg.grad_clip, amp)
+            train_step(model.train(), optimizer, x, data.train_labels, archs[i % len(archs)], cfg.grad_clip, amp)
         sync()
         return 1000 * (time.perf_counter() - started) / steps
 
@@ -1084,6 +1088,10 @@ def benchmark(cfg, steps):
     results["vanilla_ms_per_step"] = ms_per_step(build(baseline=True))
     print(f"{device}, batch {cfg.batch_size}, C={cfg.channels}, {cfg.cells} cells/stage, {steps} steps on {len(archs)} archs")
     print(f"vanilla supernet     {results['vanilla_ms_per_step']:8.1f} ms/step   1.00x")
+    # the same per-edge supernet in the plain NCHW layout, as a straightforward implementation runs it
+    results["vanilla_nchw_ms_per_step"] = ms_per_step(build(baseline=True), torch.contiguous_format)
+    print(f"vanilla, NCHW layout {results['vanilla_nchw_ms_per_step']:8.1f} ms/step   "
+          f"{results['vanilla_nchw_ms_per_step'] / results['vanilla_ms_per_step']:.2f}x")
     model = build(baseline=False)
     for level in range(1, cfg.blocks + 1):
         while model.level < level:
@@ -1126,15 +1134,15 @@ def parse_args(argv=None):
         if isinstance(option.default, bool):
             parser.add_argument(flag, action="store_true", help=option.metadata["help"])
         else:
-            parser.add_argument(flag, type=type(option.default), default=option.default,
-                                help=f"{option.metadata['help']} (default: {option.default!r})")
+            shown = f" (default: {option.default})" if option.default != "" else ""
+            parser.add_argument(flag, type=type(option.default), default=option.default, help=option.metadata["help"] + shown)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out (same options) where it stopped")
     parser.add_argument("--load", default="", metavar="CKPT", help="skip training: score and search the supernet in this checkpoint")
     parser.add_argument("--arch", action="append", default=[], metavar="ARCH",
                         help="score these architectures (NB201 strings; repeatable) instead of the unique ones")
     parser.add_argument("--compare", nargs="+", metavar="RUN", help="print the metrics of finished runs side by side")
     parser.add_argument("--benchmark", action="store_true", help="time training steps (vanilla vs every level) and scoring")
-    parser.add_argument("--benchmark-steps", type=int, default=10, help="timed steps per configuration (default: 10)")
+    parser.add_argument("--benchmark-steps", type=int, default=16, help="timed steps per configuration, cycling over 8 archs (default: 16)")
     args = parser.parse_args(argv)
     return Config(**{option.name: getattr(args, option.name) for option in fields(Config)}), args
 

@@ -387,6 +387,19 @@ def test_end_to_end_run_writes_every_output(tmp_path, capsys):
     assert "kendall_tau" in printed and "top-5" in printed and "search (16 evaluations)" in printed
 
 
+def test_scoring_given_archs_uses_their_class_ground_truth(tmp_path):
+    nb201 = fake_nb201_csv(tmp_path / "fake.csv")
+    dead_edge = (3, 0, 0, 2, 0, 0)  # 0->1 is dead: not the representative of its class
+    assert close.canonical(dead_edge) != dead_edge
+    out = tmp_path / "run"
+    argv = TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out), "--nb201", str(nb201), "--search-budget", "0"]
+    assert close.main(argv + ["--arch", close.arch_to_str(dead_edge), "--arch", BEST_CIFAR10, "--arch", BEST_CIFAR10]) == 0
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    table = nb.load(nb201).group_accuracies(lambda text: close.canonical(close.str_to_arch(text)))
+    assert [row["arch"] for row in rows] == [close.arch_to_str(dead_edge), BEST_CIFAR10]
+    assert float(rows[0]["nb201_accuracy"]) == pytest.approx(table[close.canonical(dead_edge)])
+
+
 def test_scoring_and_search_from_a_checkpoint_alone(tmp_path):
     out = tmp_path / "run"
     assert close.main(TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out)]) == 0
