@@ -966,6 +966,7 @@ def run(cfg, resume=False, load="", arch_strings=()):
     top5 = [describe(arch, scores, truth, truth_ranks) for arch in sorted(archs, key=lambda a: -scores[a][0])[:5]]
     results = {"run": run_name(cfg), "ranking": metrics, "top5": top5, "search": search,
                "times": {key: round(value, 1) for key, value in times.items()}, "scored_archs": len(archs),
+               "mean_oneshot_accuracy": float(np.mean([scores[a][0] for a in archs])),
                "heldout_images": len(labels), "device": str(device)}
     write_atomic(out / "metrics.json", json.dumps(results, indent=2))
     print_summary(out, results, log)
