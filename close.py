@@ -39,34 +39,38 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def option(default, description):
+    return field(default=default, metadata={"help": description})
+
+
 @dataclass
 class Config:
     # supernet
-    blocks: int = field(default=5, metadata={"help": "K, GLOW blocks per cell (the vanilla baseline always uses 6, one per edge)"})
-    baseline: bool = field(default=False, metadata={"help": "train the vanilla one-shot supernet instead of CLOSENet"})
-    channels: int = field(default=16, metadata={"help": "channels of the first stage (NB201: 16)"})
-    cells: int = field(default=5, metadata={"help": "searchable cells per stage (NB201: 5)"})
+    blocks: int = option(5, "K, GLOW blocks per cell (the vanilla baseline always uses 6, one per edge)")
+    baseline: bool = option(False, "train the vanilla one-shot supernet instead of CLOSENet")
+    channels: int = option(16, "channels of the first stage (NB201: 16)")
+    cells: int = option(5, "searchable cells per stage (NB201: 5)")
     # training (the official recipe; 1000 epochs there, scaled here)
-    epochs: int = field(default=250, metadata={"help": "supernet training epochs; blocks are added at evenly spaced epochs"})
-    batch_size: int = field(default=256, metadata={"help": "training and scoring batch size"})
-    lr: float = field(default=0.05, metadata={"help": "SGD learning rate"})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
-    weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay"})
-    grad_clip: float = field(default=5.0, metadata={"help": "gradient-norm clip"})
-    seed: int = field(default=0, metadata={"help": "seed of training (sampling, augmentation, Gumbel noise, init)"})
+    epochs: int = option(250, "supernet training epochs; blocks are added at evenly spaced epochs")
+    batch_size: int = option(256, "training and scoring batch size")
+    lr: float = option(0.05, "SGD learning rate")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(5e-4, "SGD weight decay")
+    grad_clip: float = option(5.0, "gradient-norm clip")
+    seed: int = option(0, "seed of training (sampling, augmentation, Gumbel noise, init)")
     # data
-    data: str = field(default="cifar10", metadata={"help": "'cifar10' (torchvision download), 'synthetic', or an image-folder tree PATH with train/<class>/*"})
-    data_root: str = field(default="data", metadata={"help": "where torchvision keeps CIFAR-10"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, or auto (cuda when available)"})
+    data: str = option("cifar10", "'cifar10' (torchvision download), 'synthetic', or an image-folder tree PATH with train/<class>/*")
+    data_root: str = option("data", "where torchvision keeps CIFAR-10")
+    device: str = option("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
     # scoring and search
-    eval_archs: int = field(default=0, metadata={"help": "score a seeded random subset of N unique archs (0: all 6,466)"})
-    eval_batches: int = field(default=0, metadata={"help": "score on the first N held-out batches only (0: the whole held-out split)"})
-    eval_seed: int = field(default=0, metadata={"help": "seed of the --eval-archs subset (kept apart from --seed so runs score the same archs)"})
-    search_budget: int = field(default=1000, metadata={"help": "fitness evaluations of the evolutionary search (0: no search)"})
-    population: int = field(default=50, metadata={"help": "population of the evolutionary search"})
-    tournament: int = field(default=10, metadata={"help": "tournament sample of the evolutionary search"})
-    nb201: str = field(default="", metadata={"help": "NB201 ground truth (compact CSV, official .pth, or NATS-Bench archive) for the ranking metrics"})
-    out: str = field(default="", metadata={"help": "output folder (default runs/<close|vanilla>-seed<seed>)"})
+    eval_archs: int = option(0, "score a seeded random subset of N unique archs (0: all 6,466)")
+    eval_batches: int = option(0, "score on the first N held-out batches only (0: the whole held-out split)")
+    eval_seed: int = option(0, "seed of the --eval-archs subset (kept apart from --seed so runs score the same archs)")
+    search_budget: int = option(1000, "fitness evaluations of the evolutionary search (0: no search)")
+    population: int = option(50, "population of the evolutionary search")
+    tournament: int = option(10, "tournament sample of the evolutionary search")
+    nb201: str = option("", "NB201 ground truth (compact CSV, official .pth, or NATS-Bench archive) for the ranking metrics")
+    out: str = option("", "output folder (default runs/<close|vanilla>-seed<seed>)")
 
 
 # Options that define the trained supernet: a resumed run must agree on all of them.
@@ -110,7 +114,8 @@ def str_to_arch(text):
                 break
             arch.append(OPS.index(op))
     if len(nodes) != 3 or len(arch) != len(EDGES):
-        raise ValueError(f"not an NB201 architecture string: {text!r} (expected '|op~0|+|op~0|op~1|+|op~0|op~1|op~2|' with ops from {', '.join(OPS)})")
+        raise ValueError(f"not an NB201 architecture string: {text!r} "
+                         f"(expected '|op~0|+|op~0|op~1|+|op~0|op~1|op~2|' with ops from {', '.join(OPS)})")
     return tuple(arch)
 
 
@@ -189,7 +194,8 @@ class Dataset:
     num_classes: int
 
     def to(self, device):
-        return Dataset(*(t.to(device) for t in (self.train_images, self.train_labels, self.heldout_images, self.heldout_labels)), self.num_classes)
+        tensors = (self.train_images, self.train_labels, self.heldout_images, self.heldout_labels)
+        return Dataset(*(t.to(device) for t in tensors), self.num_classes)
 
 
 def synthetic_dataset(train=1024, heldout=256, num_classes=10, seed=0):
@@ -826,9 +832,11 @@ def train(model, data, cfg, out, amp):
                     "seconds": round(seconds, 3), "images_per_s": round(len(data.train_labels) / seconds, 1)})
         save_checkpoint(checkpoint, cfg, epoch + 1, model, optimizer, scheduler, log)
         write_csv(out / "log.csv", LOG_FIELDS, [[row[name] for name in LOG_FIELDS] for row in log])
-        eta = (time.time() - started) / (epoch + 1 - start) * (cfg.epochs - epoch - 1)
-        print(f"epoch {epoch + 1:4d}/{cfg.epochs}  loss {stats['loss']:.4f}  acc {100 * stats['accuracy']:5.1f}%  "
-              f"lr {lr:.4g}  {'' if model.baseline else f'level {model.level}  '}{images_seen / (time.time() - started):,.0f} img/s  ETA {eta / 60:.1f} min", flush=True)
+        elapsed = time.time() - started
+        eta = elapsed / (epoch + 1 - start) * (cfg.epochs - epoch - 1)
+        level = "" if model.baseline else f"level {model.level}  "
+        print(f"epoch {epoch + 1:4d}/{cfg.epochs}  loss {stats['loss']:.4f}  acc {100 * stats['accuracy']:5.1f}%  lr {lr:.4g}  "
+              f"{level}{images_seen / elapsed:,.0f} img/s  ETA {eta / 60:.1f} min", flush=True)
     return log
 
 
