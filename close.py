@@ -972,9 +972,12 @@ def run(cfg, resume=False, load="", arch_strings=()):
     times["search_s"] = time.time() - started
 
     top5 = [describe(arch, scores, truth, truth_ranks) for arch in sorted(archs, key=lambda a: -scores[a][0])[:5]]
+    model.eval()  # which blocks the GATE's argmax uses at scoring: a collapsed gate sends every edge to one block
+    block_usage = np.bincount([b for arch in archs for b in model.sharing_assignment(arch).blocks], minlength=model.num_blocks)
     results = {"run": run_name(cfg), "ranking": metrics, "top5": top5, "search": search,
                "times": {key: round(value, 1) for key, value in times.items()}, "scored_archs": len(archs),
                "mean_oneshot_accuracy": float(np.mean([scores[a][0] for a in archs])),
+               "scoring_edges_per_block": block_usage.tolist(),
                "heldout_images": len(labels), "device": str(device)}
     write_atomic(out / "metrics.json", json.dumps(results, indent=2))
     print_summary(out, results, log)
@@ -988,6 +991,8 @@ def print_summary(out, results, log):
     print("wall time: " + ", ".join(f"{key[:-2]} {value / 60:.1f} min" for key, value in times.items()))
     if log:
         print(f"last epoch: loss {log[-1]['loss']:.4f}, train accuracy {100 * log[-1]['accuracy']:.1f}%, level {log[-1]['level']}")
+    print(f"mean one-shot accuracy {results['mean_oneshot_accuracy']:.1f}% over {results['scored_archs']} archs; "
+          f"edges per block at scoring: {results['scoring_edges_per_block']}")
     comparison = [results]
     sibling = out.parent / results["run"].replace(*(("close", "vanilla") if results["run"].startswith("close") else ("vanilla", "close")))
     if (sibling / "metrics.json").exists():

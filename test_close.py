@@ -374,6 +374,7 @@ def test_end_to_end_run_writes_every_output(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["ranking"]["n"] == 12 and -1 <= metrics["ranking"]["kendall_tau"] <= 1
     assert set(metrics["times"]) == {"data_s", "train_s", "score_s", "search_s"}
+    assert len(metrics["scoring_edges_per_block"]) == 2 and sum(metrics["scoring_edges_per_block"]) == 12 * 6
     with open(out / "scores.csv") as file:
         rows = list(csv.DictReader(file))
     assert len(rows) == 12 and all(row["nb201_accuracy"] for row in rows)
