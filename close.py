@@ -547,29 +547,33 @@ def restart_epoch(cfg):
     return int(0.4 * cfg.epochs)
 
 
-def train_epoch(model, optimizer, data, cfg, archs, amp):
+def train_epoch(model, optimizer, data, cfg, archs, amp, stop=None, progress=None):
     """One pass over the training split, one uniformly drawn unique architecture per step.
-    Nothing is read back to the host until the end of the epoch."""
+    Nothing is read back to the host until the end of the epoch. A stop request ends the pass
+    after the current step and returns (None, progress), which a checkpoint can continue from."""
     model.train()
     device = data.train_images.device
-    order = torch.randperm(len(data.train_labels), device=device)
-    steps = math.ceil(len(order) / cfg.batch_size)
-    step_losses = torch.zeros(steps, device=device)
-    correct = torch.zeros((), device=device)
-    step_archs = []
-    for step in range(steps):
+    if progress is None:
+        steps = math.ceil(len(data.train_labels) / cfg.batch_size)
+        progress = {"order": torch.randperm(len(data.train_labels), device=device), "step": 0, "archs": [],
+                    "step_losses": torch.zeros(steps, device=device), "correct": torch.zeros((), device=device)}
+    order, step_losses = progress["order"], progress["step_losses"]
+    for step in range(progress["step"], len(step_losses)):
+        if stop is not None and stop.requested:
+            return None, progress
         arch = archs[torch.randint(len(archs), ()).item()]  # CPU generator: no device sync
-        step_archs.append(arch)
+        progress["archs"].append(arch)
         batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
         images = normalize(augment(data.train_images[batch])).contiguous(memory_format=memory_format(device))
         labels = data.train_labels[batch]
         loss, logits = train_step(model, optimizer, images, labels, arch, cfg.grad_clip, amp)
         step_losses[step] = loss * len(batch)
-        correct += (logits.argmax(1) == labels).sum()
+        progress["correct"] += (logits.argmax(1) == labels).sum()
+        progress["step"] = step + 1
     losses = step_losses.tolist()
     bad = next((i for i, value in enumerate(losses) if not math.isfinite(value)), None)
-    return {"loss": sum(losses) / len(order), "accuracy": correct.item() / len(order),
-            "bad_step": None if bad is None else (bad, arch_to_str(step_archs[bad]))}
+    return {"loss": sum(losses) / len(order), "accuracy": progress["correct"].item() / len(order),
+            "bad_step": None if bad is None else (bad, arch_to_str(progress["archs"][bad]))}, progress
 
 
 def train_step(model, optimizer, images, labels, arch, grad_clip, amp):
@@ -694,7 +698,30 @@ def regularized_evolution(fitness, budget, population_size=50, tournament_size=1
 # 8. Runs: checkpoints that resume exactly, outputs a person can read
 # ----------------------------------------------------------------------------------------------
 class Interrupted(Exception):
-    """Ctrl-C or SIGTERM: the last end-of-epoch checkpoint stays, --resume continues from it."""
+    """Training stopped on request (Ctrl-C, SIGTERM); --resume continues from the checkpoint."""
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM during training: finish the current step, checkpoint there, stop.
+    A second Ctrl-C aborts at once (the previous checkpoint stays)."""
+
+    def __enter__(self):
+        self.requested, self.previous = False, {}
+        try:
+            self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread: no signal handling
+            pass
+        return self
+
+    def request(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def resolve_device(name):
@@ -770,9 +797,10 @@ def set_rng_states(states):
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), *rest))
 
 
-def save_checkpoint(path, cfg, epoch, model, optimizer, scheduler, log):
+def save_checkpoint(path, cfg, epoch, model, optimizer, scheduler, log, partial_epoch=None):
+    """epoch: finished epochs; partial_epoch: the progress of a stopped epoch, if any."""
     state = {"config": asdict(cfg), "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "rng": rng_states(), "log": log}
+             "scheduler": scheduler.state_dict(), "rng": rng_states(), "log": log, "partial_epoch": partial_epoch}
     temporary = path.with_name(path.name + ".tmp")
     torch.save(state, temporary)
     os.replace(temporary, path)  # the previous checkpoint stays until the new one is complete
@@ -798,45 +826,49 @@ def write_csv(path, header, rows):
 
 
 def train(model, data, cfg, out, amp):
-    """Curriculum training with a checkpoint after every epoch; resumes from out/checkpoint.pt."""
+    """Curriculum training with a checkpoint after every epoch (and where a stop request lands);
+    resumes from out/checkpoint.pt."""
     optimizer, scheduler = make_optimizer(model, cfg)
-    checkpoint, log, start = out / "checkpoint.pt", [], 0
+    checkpoint, log, start, partial = out / "checkpoint.pt", [], 0, None
     if checkpoint.exists():
         state = load_checkpoint(checkpoint, data.train_images.device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_states(state["rng"])
-        start, log = state["epoch"], state["log"]
-        print(f"resumed {out} after epoch {start} (level {model.level})")
+        start, log, partial = state["epoch"], state["log"], state["partial_epoch"]
+        print(f"resumed {out} after epoch {start}" + (f", step {partial['step']}" if partial else "") + f" (level {model.level})")
     archs, started, images_seen = unique_archs(), time.time(), 0
-    for epoch in range(start, cfg.epochs):
-        if not model.baseline:
-            while model.level < curriculum_level(epoch, cfg.epochs, model.num_blocks):
-                add_glow_block(model)
-        if epoch == restart_epoch(cfg) > 0:
-            optimizer, scheduler = make_optimizer(model, cfg)
-        lr, epoch_started = optimizer.param_groups[0]["lr"], time.time()
-        try:
-            stats = train_epoch(model, optimizer, data, cfg, archs, amp)
-        except KeyboardInterrupt:
-            raise Interrupted(f"interrupted in epoch {epoch + 1}; {checkpoint} holds epoch {epoch}: rerun with --resume") from None
-        if stats["bad_step"] is not None:
-            step, arch = stats["bad_step"]
-            kept = f"{checkpoint} keeps epoch {epoch}" if checkpoint.exists() else "no epoch finished, nothing was saved"
-            raise UsageError(f"the training loss became non-finite in epoch {epoch + 1}, step {step + 1} (arch {arch}); {kept}")
-        scheduler.step(stats["loss"])
-        seconds = time.time() - epoch_started
-        images_seen += len(data.train_labels)
-        log.append({"epoch": epoch + 1, "level": model.level, "lr": lr, "loss": stats["loss"], "accuracy": stats["accuracy"],
-                    "seconds": round(seconds, 3), "images_per_s": round(len(data.train_labels) / seconds, 1)})
-        save_checkpoint(checkpoint, cfg, epoch + 1, model, optimizer, scheduler, log)
-        write_csv(out / "log.csv", LOG_FIELDS, [[row[name] for name in LOG_FIELDS] for row in log])
-        elapsed = time.time() - started
-        eta = elapsed / (epoch + 1 - start) * (cfg.epochs - epoch - 1)
-        level = "" if model.baseline else f"level {model.level}  "
-        print(f"epoch {epoch + 1:4d}/{cfg.epochs}  loss {stats['loss']:.4f}  acc {100 * stats['accuracy']:5.1f}%  lr {lr:.4g}  "
-              f"{level}{images_seen / elapsed:,.0f} img/s  ETA {eta / 60:.1f} min", flush=True)
+    with StopRequest() as stop:
+        for epoch in range(start, cfg.epochs):
+            if not model.baseline:
+                while model.level < curriculum_level(epoch, cfg.epochs, model.num_blocks):
+                    add_glow_block(model)
+            if epoch == restart_epoch(cfg) > 0 and partial is None:  # a stopped epoch had restarted already
+                optimizer, scheduler = make_optimizer(model, cfg)
+            lr, epoch_started = optimizer.param_groups[0]["lr"], time.time()
+            stats, partial = train_epoch(model, optimizer, data, cfg, archs, amp, stop, partial)
+            if stats is None:
+                save_checkpoint(checkpoint, cfg, epoch, model, optimizer, scheduler, log, partial_epoch=partial)
+                raise Interrupted(f"stopped in epoch {epoch + 1} after step {partial['step']}; {checkpoint} holds that point: "
+                                  f"rerun with --resume")
+            partial = None
+            if stats["bad_step"] is not None:
+                step, arch = stats["bad_step"]
+                kept = f"{checkpoint} keeps epoch {epoch}" if checkpoint.exists() else "no epoch finished, nothing was saved"
+                raise UsageError(f"the training loss became non-finite in epoch {epoch + 1}, step {step + 1} (arch {arch}); {kept}")
+            scheduler.step(stats["loss"])
+            seconds = time.time() - epoch_started
+            images_seen += len(data.train_labels)
+            log.append({"epoch": epoch + 1, "level": model.level, "lr": lr, "loss": stats["loss"], "accuracy": stats["accuracy"],
+                        "seconds": round(seconds, 3), "images_per_s": round(len(data.train_labels) / seconds, 1)})
+            save_checkpoint(checkpoint, cfg, epoch + 1, model, optimizer, scheduler, log)
+            write_csv(out / "log.csv", LOG_FIELDS, [[row[name] for name in LOG_FIELDS] for row in log])
+            elapsed = time.time() - started
+            eta = elapsed / (epoch + 1 - start) * (cfg.epochs - epoch - 1)
+            level = "" if model.baseline else f"level {model.level}  "
+            print(f"epoch {epoch + 1:4d}/{cfg.epochs}  loss {stats['loss']:.4f}  acc {100 * stats['accuracy']:5.1f}%  lr {lr:.4g}  "
+                  f"{level}{images_seen / elapsed:,.0f} img/s  ETA {eta / 60:.1f} min", flush=True)
     return log
 
 
@@ -1173,8 +1205,11 @@ def main(argv=None):
     except UsageError as error:
         print(f"close.py: error: {error}", file=sys.stderr)
         return 2
-    except (Interrupted, KeyboardInterrupt) as error:
-        print(f"close.py: {error or 'interrupted'}; outputs so far are kept, rerun with --resume", file=sys.stderr)
+    except Interrupted as error:
+        print(f"close.py: {error}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("close.py: interrupted; the last checkpoint and scores so far are kept, rerun with --resume", file=sys.stderr)
         return 130
     return 0
 

@@ -6,7 +6,9 @@ Run with `python -m pytest -q test_close.py`. The core runs on synthetic data; t
 import bz2
 import csv
 import json
+import os
 import pickle
+import signal
 import subprocess
 import sys
 import zipfile
@@ -414,23 +416,26 @@ def run_rows(out):
     return log, (out / "scores.csv").read_text(), torch.load(out / "checkpoint.pt", weights_only=True)
 
 
-def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch):
-    # 3 epochs and 3 blocks: the interruption falls before a growth and the optimizer restart (epoch 1)
+@pytest.mark.parametrize("stop_at_call", [8, 11])  # 8 steps per epoch: at an epoch's end, and mid-epoch
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch, stop_at_call):
+    # 3 epochs and 3 blocks: epoch 2 (index 1) starts with a growth and the optimizer restart
     args = TINY + ["--epochs", "3", "--blocks", "3"]
     assert close.main(args + ["--out", str(tmp_path / "straight")]) == 0
 
-    real_train_epoch, calls = close.train_epoch, []
+    real_train_step, calls = close.train_step, []
 
-    def interrupted_train_epoch(*a, **k):
+    def train_step_then_ctrl_c(*a, **k):
         calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_train_epoch(*a, **k)
+        result = real_train_step(*a, **k)
+        if len(calls) == stop_at_call:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: the step finishes, the run checkpoints and stops
+        return result
 
-    monkeypatch.setattr(close, "train_epoch", interrupted_train_epoch)
+    monkeypatch.setattr(close, "train_step", train_step_then_ctrl_c)
     assert close.main(args + ["--out", str(tmp_path / "resumed")]) == 130
-    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["epoch"] == 1
-    monkeypatch.setattr(close, "train_epoch", real_train_epoch)
+    state = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["partial_epoch"]["step"] if state["partial_epoch"] else None) == (1, 0 if stop_at_call == 8 else 3)
+    monkeypatch.setattr(close, "train_step", real_train_step)
     assert close.main(args + ["--out", str(tmp_path / "resumed"), "--resume"]) == 0
 
     log_a, scores_a, state_a = run_rows(tmp_path / "straight")
