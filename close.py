@@ -534,7 +534,7 @@ def add_glow_block(model):
 # ----------------------------------------------------------------------------------------------
 def make_optimizer(model, cfg):
     """SGD over everything, the GATE included. While the GATE is out of the graph (level 1) its
-    gradients stay None, so SGD neither updates nor decays it: level 2 starts from a trained init,
+    gradients stay None, so SGD neither updates nor decays it: level 2 starts from its initialisation,
     not from a gate shrunk by 200 epochs of weight decay as in the official code."""
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     patience = max(1, round(30 * cfg.epochs / 1000))  # official: 30 epochs in 1,000
