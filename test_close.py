@@ -573,6 +573,22 @@ def test_image_folder_split_is_shuffled_not_positional(tmp_path):
     assert all((data.train_images[i] == 40 * data.train_labels[i]).all() for i in range(40))  # labels follow images
 
 
+def test_torchvision_cifar10_is_split_by_position(monkeypatch):
+    import torchvision
+
+    class FakeCIFAR10:  # torchvision's layout: uint8 NHWC numpy images, a list of labels, random order
+        def __init__(self, root, train, download):
+            assert train and download
+            self.data = np.arange(50000 * 4, dtype=np.uint8).reshape(50000, 1, 1, 4).repeat(32, 1).repeat(32, 2)[..., :3]
+            self.targets = [i % 10 for i in range(50000)]
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    data = close.cifar10_dataset("unused")
+    assert data.train_images.shape == (40000, 3, 32, 32) and data.heldout_images.shape == (10000, 3, 32, 32)
+    assert data.train_labels[:3].tolist() == [0, 1, 2] and data.heldout_labels[0] == 40000 % 10
+    assert data.heldout_images[0, :, 0, 0].tolist() == [(40000 * 4 + c) % 256 for c in range(3)]  # channels first
+
+
 @needs_cifar
 def test_real_cifar10_folder(tmp_path):
     with zipfile.ZipFile(CIFAR_ZIP) as archive:
