@@ -249,8 +249,7 @@ def test_scoring_is_deterministic_argmax_and_uses_batch_statistics():
     assert first == close.score_arch(model, (3, 2, 1, 3, 4, 2), images, labels, batch_size=8)
     model.eval()
     assert model.sharing_assignment((3,) * 6).gate is None
-    # batch statistics: a batch of one image repeated normalises to the same logits for every copy,
-    # and the logits of a batch depend on the other images in it (no running statistics)
+    # batch statistics: an image's logits depend on the other images in its batch (no running statistics)
     a = model(images[:8], (3,) * 6)
     b = model(torch.cat([images[:4], images[8:12]]), (3,) * 6)
     assert not torch.allclose(a[:4], b[:4])
