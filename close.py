@@ -58,6 +58,11 @@ class Config:
     weight_decay: float = option(5e-4, "SGD weight decay")
     grad_clip: float = option(5.0, "gradient-norm clip")
     seed: int = option(0, "seed of training (sampling, augmentation, Gumbel noise, init)")
+    # the GATE (official code: --growth official --gate-weight-decay 5e-4 --gate-norm none --eval-gate sample)
+    growth: str = option("perturb", "WIT rule for a new block: perturb (a copy plus 10%% noise), copy (exact copy of block and logit row), official (both added to their fresh init)")
+    gate_weight_decay: float = option(0.0, "weight decay on the GATE's parameters, at every level")
+    gate_norm: str = option("layernorm", "node features before the GATE's MLP: layernorm, or none (official)")
+    eval_gate: str = option("argmax", "blocks at scoring: argmax of the GATE, or sample (one seeded Gumbel draw per arch, official)")
     # data
     data: str = option("cifar10", "'cifar10' (torchvision download), 'synthetic', or an image-folder tree PATH with train/<class>/*")
     data_root: str = option("data", "where torchvision keeps CIFAR-10")
@@ -75,7 +80,7 @@ class Config:
 
 # Options that define the trained supernet: a resumed run must agree on all of them.
 RUN_OPTIONS = ("blocks", "baseline", "channels", "cells", "epochs", "batch_size", "lr", "momentum",
-               "weight_decay", "grad_clip", "seed", "data")
+               "weight_decay", "grad_clip", "seed", "growth", "gate_weight_decay", "gate_norm", "data")
 
 
 class UsageError(Exception):
@@ -414,9 +419,12 @@ class Gate(nn.Module):
     Encoder (GATES-style, node level): node 0 starts from a learned embedding, nodes 1-3 from zero;
     each graph layer sends node j's message W h_j to node i through an attention vector made from
     the op on edge j->i (zero when that op is none), so the ops steer the information flow.
+    normalize=True puts a parameter-free LayerNorm on the node features before the MLP: at PyTorch's
+    default init the 5 graph layers shrink them ~17x and the MLP's biases drown what is left of the
+    architecture (logits vary by ~1e-4 across archs), so the GATE starts blind and learns slowly.
     """
 
-    def __init__(self, num_blocks, embedding=48, hidden=96, graph_layers=(128,) * 5, mlp=200, dropout=0.1):
+    def __init__(self, num_blocks, embedding=48, hidden=96, graph_layers=(128,) * 5, mlp=200, dropout=0.1, normalize=True):
         super().__init__()
         self.op_embedding = nn.Embedding(len(OPS), embedding)
         self.input_node_embedding = nn.Parameter(torch.randn(embedding))
@@ -424,6 +432,7 @@ class Gate(nn.Module):
         widths = (hidden,) + tuple(graph_layers)
         self.messages = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in zip(widths, widths[1:]))
         self.attention = nn.ModuleList(nn.Linear(embedding, b) for b in widths[1:])
+        self.node_norm = nn.LayerNorm(widths[-1], elementwise_affine=False) if normalize else nn.Identity()
         self.mlp = nn.Sequential(
             nn.Linear(2 * widths[-1], mlp), nn.ReLU(), nn.Dropout(dropout),
             nn.Linear(mlp, mlp), nn.ReLU(), nn.Dropout(dropout),
@@ -432,20 +441,23 @@ class Gate(nn.Module):
         self.register_buffer("edge_src", torch.tensor([s for s, _ in EDGES]), persistent=False)
         self.register_buffer("edge_dst", torch.tensor([d for _, d in EDGES]), persistent=False)
 
-    def forward(self, arch):
-        """arch: long tensor [6] -> logits [6, num_blocks]."""
-        op_matrix = torch.zeros(4, 4, dtype=torch.long, device=arch.device).index_put((self.edge_dst, self.edge_src), arch)
-        op_features = self.op_embedding(op_matrix)                      # [to, from, embedding]
+    def forward(self, archs):
+        """archs: long tensor [..., 6] (one arch or a batch) -> logits [..., 6, num_blocks]."""
+        op_matrix = archs.new_zeros(*archs.shape[:-1], 4, 4)
+        op_matrix[..., self.edge_dst, self.edge_src] = archs
+        op_features = self.op_embedding(op_matrix)                      # [..., to, from, embedding]
         is_edge = (op_matrix != NONE).unsqueeze(-1)
         h = self.lift(F.pad(self.input_node_embedding[None], (0, 0, 0, 3)))  # node 0: learned; nodes 1-3: zeros
+        h = h.expand(*archs.shape[:-1], *h.shape)
         for layer, (message, attention) in enumerate(zip(self.messages, self.attention)):
-            support = message(h)                                        # [node, width]
-            att = torch.sigmoid(attention(op_features)) * is_edge       # [to, from, width]
-            h_next = torch.einsum("ijw,jw->iw", att, support)
-            h = torch.cat([h_next[:1] + support[:1], h_next[1:]])       # node 0 keeps its own message
+            support = message(h)                                        # [..., node, width]
+            att = torch.sigmoid(attention(op_features)) * is_edge       # [..., to, from, width]
+            h_next = torch.einsum("...ijw,...jw->...iw", att, support)
+            h = torch.cat([h_next[..., :1, :] + support[..., :1, :], h_next[..., 1:, :]], dim=-2)  # node 0 keeps its own message
             if layer < len(self.messages) - 1:
                 h = F.relu(h)
-        return self.mlp(torch.cat([h[self.edge_src], h[self.edge_dst]], dim=-1))
+        h = self.node_norm(h)
+        return self.mlp(torch.cat([h[..., self.edge_src, :], h[..., self.edge_dst, :]], dim=-1))
 
 
 GUMBEL_TEMPERATURE = 5.0
@@ -454,7 +466,7 @@ GUMBEL_TEMPERATURE = 5.0
 class CLOSENet(nn.Module):
     """NB201 supernet whose cells draw op weights from a pool of GLOW blocks (baseline=True: vanilla)."""
 
-    def __init__(self, channels=16, cells=5, num_blocks=5, num_classes=10, baseline=False):
+    def __init__(self, channels=16, cells=5, num_blocks=5, num_classes=10, baseline=False, gate_norm=True):
         super().__init__()
         self.baseline = baseline
         self.num_blocks = len(EDGES) if baseline else num_blocks
@@ -468,25 +480,38 @@ class CLOSENet(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.head = nn.Sequential(batch_norm(4 * channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                   nn.Dropout(0.1), nn.Linear(4 * channels, num_classes))
-        self.gate = None if baseline else Gate(num_blocks)
+        self.gate = None if baseline else Gate(num_blocks, normalize=gate_norm)
         # Every arch as a device tensor, so the GATE's input never crosses from the host in a step.
         self.register_buffer("all_archs", torch.tensor(ALL_ARCHS), persistent=False)
 
     def cells(self):
         return [layer for layer in self.layers if isinstance(layer, Cell)]
 
-    def sharing_assignment(self, arch):
+    def gate_logits(self, archs):
+        """The GATE's logits over the active blocks, [..., 6, level], for one arch or a list of archs.
+        Always fp32: bf16 would round them by ~5e-4, more than a fresh GATE's architecture signal."""
+        one = not isinstance(archs[0], (tuple, list))
+        indices = ALL_ARCHS_INDEX[tuple(archs)] if one else torch.tensor([ALL_ARCHS_INDEX[tuple(a)] for a in archs])
+        with torch.autocast(self.all_archs.device.type, enabled=False):
+            return self.gate(self.all_archs[indices])[..., :self.level]
+
+    def sharing_assignment(self, arch, sample_seed=None):
+        """Training: a straight-through Gumbel draw from the GATE. Scoring: its argmax, or with
+        sample_seed one seeded Gumbel draw per arch, as the official scorer does."""
         if self.baseline:
             return vanilla_assignment()
         if self.level == 1:
             return level_one_assignment()  # the GATE has nothing to choose: it is left out of the graph
-        arch_tensor = self.all_archs[ALL_ARCHS_INDEX[tuple(arch)]]
-        logits = self.gate(arch_tensor)[:, :self.level]
+        logits = self.gate_logits(arch)
         if self.training:
             # Gumbel-softmax with straight-through: forward one-hot, gradient of the soft probabilities.
             gate = F.gumbel_softmax(logits, tau=GUMBEL_TEMPERATURE, hard=True)
             return SharingAssignment(blocks=gate.argmax(-1), gate=gate)
-        return SharingAssignment(blocks=logits.argmax(-1).tolist())  # scoring: deterministic argmax
+        if sample_seed is None:
+            return SharingAssignment(blocks=logits.argmax(-1).tolist())
+        # argmax(logits + Gumbel noise) is a draw from softmax(logits): the library's categorical draw
+        generator = torch.Generator().manual_seed(sample_seed)
+        return SharingAssignment(blocks=torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator)[:, 0].tolist())
 
     def forward(self, images, arch, assignment=None):
         arch = tuple(arch)
@@ -514,18 +539,38 @@ def curriculum_level(epoch, epochs, num_blocks):
     return min(num_blocks, 1 + epoch * num_blocks // epochs)
 
 
+GROWTH_RULES = ("perturb", "copy", "official")
+GROWTH_NOISE = 0.1  # 'perturb': each filter of the new block differs from its parent's by exactly this relative norm
+
+
 @torch.no_grad()
-def add_glow_block(model):
-    """Activate the next block with WIT (weight inheritance): it starts as an exact copy of the
-    previous block, and the GATE's logit for it as a copy of the previous logit. Done in place, so the
-    optimizer keeps training the same tensors and the network computes exactly what it did before."""
+def add_glow_block(model, rule="perturb"):
+    """Activate the next block with WIT (weight inheritance) from the previous one.
+
+    'copy': the block and its GATE logit row are exact copies. The network computes what it did, but
+    the twins silence the GATE: equal blocks give equal <dL/d out, block_i(x)>, and with equal logit
+    rows the gradient into the GATE's hidden layers is exactly zero.
+    'official': the parent's weights are *added* to the new block's fresh initialisation, and the
+    parent's logit row to the new row's: the twins differ, but an edge routed to the new block
+    computes something quite different.
+    'perturb' (ours): the block is a copy plus noise whose norm is GROWTH_NOISE of each weight
+    tensor's norm, so an edge routed to it changes a little; the logit row is inherited as in the
+    official code, keeping the new row's random, architecture-dependent initialisation.
+    Done in place, so the optimizer keeps training the same tensors.
+    """
     new = model.level
     for cell in model.cells():
-        for inherited, source in zip(cell.glow_blocks[new].parameters(), cell.glow_blocks[new - 1].parameters()):
-            inherited.copy_(source)
+        for inherited, parent in zip(cell.glow_blocks[new].parameters(), cell.glow_blocks[new - 1].parameters()):
+            if rule == "official":
+                inherited.add_(parent)
+            else:
+                inherited.copy_(parent)
+            if rule == "perturb":  # every output channel's filter moves by GROWTH_NOISE of its norm
+                noise, norm = torch.randn_like(parent), functools.partial(torch.linalg.vector_norm, dim=(1, 2, 3), keepdim=True)
+                inherited.add_(noise * (GROWTH_NOISE * norm(parent) / norm(noise)))
     last = model.gate.mlp[-1]
-    last.weight[new] = last.weight[new - 1]
-    last.bias[new] = last.bias[new - 1]
+    for row in (last.weight, last.bias):
+        row[new] = row[new - 1] if rule == "copy" else row[new] + row[new - 1]
     model.level = new + 1
 
 
@@ -533,10 +578,12 @@ def add_glow_block(model):
 # 5. Training (the official recipe, scaled to --epochs)
 # ----------------------------------------------------------------------------------------------
 def make_optimizer(model, cfg):
-    """SGD over everything, the GATE included. While the GATE is out of the graph (level 1) its
-    gradients stay None, so SGD neither updates nor decays it: level 2 starts from its initialisation,
-    not from a gate shrunk by 200 epochs of weight decay as in the official code."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    """SGD over everything. The GATE is its own parameter group with its own weight decay (default
+    none): its gradient is ~1e-3 of decay's pull on the encoder, so decay would erase what it learns."""
+    gate = list(model.gate.parameters()) if model.gate is not None else []
+    rest = [p for p in model.parameters() if all(p is not q for q in gate)]
+    groups = [{"params": rest}] + ([{"params": gate, "weight_decay": cfg.gate_weight_decay}] if gate else [])
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     patience = max(1, round(30 * cfg.epochs / 1000))  # official: 30 epochs in 1,000
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=patience, threshold=1e-4)
     return optimizer, scheduler
@@ -582,6 +629,11 @@ def train_step(model, optimizer, images, labels, arch, grad_clip, amp):
     loss = F.cross_entropy(logits.float(), labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if model.level == 1 and model.gate is not None:
+        # The GATE is out of the graph at level 1. A zero gradient (not None) lets SGD apply the GATE's
+        # weight decay as the official code does; with --gate-weight-decay 0 it leaves the GATE as it is.
+        for p in model.gate.parameters():
+            p.grad = torch.zeros_like(p)
     nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     return loss.detach(), logits.detach()
@@ -595,11 +647,11 @@ def memory_format(device):
 # 6. Evaluation: one-shot scores and ranking metrics
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def score_arch(model, arch, images, labels, batch_size, amp=False):
+def score_arch(model, arch, images, labels, batch_size, amp=False, assignment=None):
     """One-shot accuracy (%) and loss of arch on held-out data: dropout off, BN on batch statistics
-    (eval() does both here), the GATE's argmax assignment; means of per-batch values."""
+    (eval() does both here), the GATE's argmax assignment unless one is given; means of per-batch values."""
     model.eval()
-    assignment = model.sharing_assignment(arch)
+    assignment = assignment or model.sharing_assignment(arch)
     accuracies, losses = [], []
     for start in range(0, len(labels), batch_size):
         x, y = images[start:start + batch_size], labels[start:start + batch_size]
@@ -609,6 +661,83 @@ def score_arch(model, arch, images, labels, batch_size, amp=False):
         losses.append(F.cross_entropy(logits, y))
     accuracy, loss = torch.stack(accuracies).mean().item(), torch.stack(losses).mean().item()
     return accuracy, loss
+
+
+def scoring_assignment(model, arch, eval_gate="argmax", seed=0):
+    """The blocks an arch is scored with: the GATE's argmax, or (eval_gate='sample', the official
+    scorer) one Gumbel draw seeded by the arch itself, so it is the same in any scoring order."""
+    model.eval()
+    return model.sharing_assignment(arch, None if eval_gate == "argmax" else seed * len(ALL_ARCHS) + ALL_ARCHS_INDEX[tuple(arch)])
+
+
+@functools.cache
+def probe_archs():
+    """A fixed probe set for gate_health: 500 unique archs (seeded, independent of the run's seed)."""
+    return tuple(random.Random(0).sample(unique_archs(), 500))
+
+
+def describe_gate(health, prefix=""):
+    """gate_health in words; '' when there is no GATE at work (vanilla, level 1)."""
+    if health["spread"] is None:
+        return ""
+    verdict = (" BLIND: the routing ignores the architecture" if health["spread"] < 1e-3 else
+               " COLLAPSED: one block takes every edge" if health["off_dominant"] < 0.01 else "")
+    return (f"{prefix}GATE spread {health['spread']:.2g}, {100 * health['off_dominant']:.0f}% off the main block, "
+            f"entropy {health['entropy']:.2f}{verdict}")
+
+
+@torch.no_grad()
+def gate_health(model, archs):
+    """Is the GATE routing by architecture, or has it collapsed? Over the live parameterised edges of
+    `archs` (eval mode, the active blocks):
+    spread: std over edges of the logits, centred per edge (softmax ignores a shift), mean over blocks;
+        ~1e-4 for a blind GATE, ~1 when the architecture moves the routing;
+    off_dominant: share of edges whose argmax is not the block most edges' argmax picks (0: collapsed);
+    entropy: mean entropy of softmax(logits), the block distribution a training step draws from
+        (Gumbel-max), divided by log(level): 1 = uniform random routing, 0 = deterministic."""
+    if model.gate is None or model.level == 1:
+        return {"spread": None, "off_dominant": None, "entropy": None}
+    training = model.training
+    logits = model.eval().gate_logits(archs)[torch.tensor([[live and op in (CONV1X1, CONV3X3) for live, op in zip(live_edges(a), a)]
+                                                            for a in archs])]  # [edges, level]
+    model.train(training)
+    choice = logits.argmax(-1)
+    probabilities = logits.softmax(-1)
+    entropy = -(probabilities * probabilities.clamp_min(1e-12).log()).sum(-1) / math.log(model.level)
+    return {"spread": (logits - logits.mean(-1, keepdim=True)).std(0).mean().item(),
+            "off_dominant": 1 - torch.bincount(choice).max().item() / len(choice),
+            "entropy": entropy.mean().item()}
+
+
+@torch.no_grad()
+def block_preference(model, archs, images, labels, batch_size, amp=False):
+    """Is there anything for the GATE to learn, and how much of it does it capture?
+
+    Every arch is scored with all its edges forced onto block b, for each active block, on two
+    disjoint halves of `images`. Removing each arch's mean loss and each block's mean loss leaves the
+    arch-specific preference for a block; `agreement` is its correlation between the halves (near 0:
+    noise, nothing to learn). An arch's best block is the one with the lowest loss: `best_block_agreement`
+    is how often the halves pick the same one, `gate_hits` the share of live parameterised edges whose
+    GATE argmax is their arch's best block. The gains are held-out loss below an average block's:
+    `gain_best_block` routing each arch to its best block, `gain_single_block` the block best on
+    average (both picked on one half, measured on the other), `gain_gate` the GATE's own routing."""
+    half = len(labels) // 2
+    halves = [(images[:half], labels[:half]), (images[half:2 * half], labels[half:2 * half])]
+    loss = torch.tensor([[[score_arch(model, arch, x, y, batch_size, amp, SharingAssignment([block] * len(EDGES)))[1]
+                           for block in range(model.level)] for arch in archs] for x, y in halves])   # [half, arch, block]
+    gate_loss = torch.tensor([[score_arch(model, arch, x, y, batch_size, amp)[1] for arch in archs] for x, y in halves])
+    preference = loss - loss.mean(2, keepdim=True) - loss.mean(1, keepdim=True) + loss.mean((1, 2), keepdim=True)
+    best, best_overall, average = loss.argmin(2), loss.mean(0).argmin(1), loss.mean(2)   # [half, arch], [arch], [half, arch]
+    hits = [block == best_overall[i] for i, arch in enumerate(archs)
+            for block, live, op in zip(model.eval().sharing_assignment(arch).blocks, live_edges(arch), arch) if live and op in (CONV1X1, CONV3X3)]
+    return {"archs": len(archs), "level": model.level, "images_per_half": half,
+            "agreement": scipy.stats.pearsonr(preference[0].flatten(), preference[1].flatten()).statistic.item(),
+            "best_block_agreement": (best[0] == best[1]).float().mean().item(),
+            "gate_hits": float(np.mean(hits)),
+            "preference_std": preference.std().item(), "arch_loss_std": average.std(1).mean().item(),
+            "gain_best_block": (average[1] - loss[1].gather(1, best[0, :, None])[:, 0]).mean().item(),
+            "gain_single_block": (average[1] - loss[1, :, loss[0].mean(0).argmin()]).mean().item(),
+            "gain_gate": (average - gate_loss).mean().item()}
 
 
 def true_ranks(values):
@@ -675,8 +804,9 @@ def mutate(arch, rng):
 def regularized_evolution(fitness, budget, population_size=50, tournament_size=10, seed=0):
     """Age-regularized evolution: the tournament winner's mutant joins, the oldest member leaves.
     `fitness` is any callable on an arch tuple; `budget` counts its calls. Returns the best arch seen,
-    its fitness, and the history [(arch, fitness)] in evaluation order."""
-    rng = random.Random(seed)
+    its fitness, and the history [(arch, fitness)] in evaluation order. The search draws from its own
+    stream: seeded like the --eval-archs subset, it would start from exactly the scored archs."""
+    rng = random.Random(f"regularized-evolution-{seed}")
     candidates = unique_archs()
     history, population = [], []
 
@@ -764,7 +894,7 @@ def prepare_out(cfg, resume):
             raise UsageError(f"--out {out} already holds a run: add --resume to continue it, or choose another --out")
         saved = json.loads(saved_config.read_text())
         conflicts = [f"--{name.replace('_', '-')} ({saved.get(name)} there, {getattr(cfg, name)} now)"
-                     for name in RUN_OPTIONS + ("eval_batches",) if saved.get(name) != getattr(cfg, name)]
+                     for name in RUN_OPTIONS + ("eval_batches", "eval_gate") if saved.get(name) != getattr(cfg, name)]
         if conflicts:
             raise UsageError(f"--resume: {out} was run with other options: {', '.join(conflicts)}")
     elif resume:
@@ -813,7 +943,7 @@ def load_checkpoint(path, device):
         raise UsageError(f"{path}: not a readable close.py checkpoint ({error})") from None
 
 
-LOG_FIELDS = ("epoch", "level", "lr", "loss", "accuracy", "seconds", "images_per_s")
+LOG_FIELDS = ("epoch", "level", "lr", "loss", "accuracy", "seconds", "images_per_s", "gate_spread", "gate_off_dominant", "gate_entropy")
 
 
 def write_csv(path, header, rows):
@@ -843,7 +973,7 @@ def train(model, data, cfg, out, amp):
         for epoch in range(start, cfg.epochs):
             if not model.baseline:
                 while model.level < curriculum_level(epoch, cfg.epochs, model.num_blocks):
-                    add_glow_block(model)
+                    add_glow_block(model, cfg.growth)
             if epoch == restart_epoch(cfg) > 0 and partial is None:  # a stopped epoch had restarted already
                 optimizer, scheduler = make_optimizer(model, cfg)
             lr, epoch_started = optimizer.param_groups[0]["lr"], time.time()
@@ -860,15 +990,17 @@ def train(model, data, cfg, out, amp):
             scheduler.step(stats["loss"])
             seconds = time.time() - epoch_started
             images_seen += len(data.train_labels)
+            health = gate_health(model, probe_archs())
             log.append({"epoch": epoch + 1, "level": model.level, "lr": lr, "loss": stats["loss"], "accuracy": stats["accuracy"],
-                        "seconds": round(seconds, 3), "images_per_s": round(len(data.train_labels) / seconds, 1)})
+                        "seconds": round(seconds, 3), "images_per_s": round(len(data.train_labels) / seconds, 1),
+                        **{f"gate_{name}": value for name, value in health.items()}})
             save_checkpoint(checkpoint, cfg, epoch + 1, model, optimizer, scheduler, log)
-            write_csv(out / "log.csv", LOG_FIELDS, [[row[name] for name in LOG_FIELDS] for row in log])
+            write_csv(out / "log.csv", LOG_FIELDS, [[row.get(name, "") for name in LOG_FIELDS] for row in log])
             elapsed = time.time() - started
             eta = elapsed / (epoch + 1 - start) * (cfg.epochs - epoch - 1)
             level = "" if model.baseline else f"level {model.level}  "
             print(f"epoch {epoch + 1:4d}/{cfg.epochs}  loss {stats['loss']:.4f}  acc {100 * stats['accuracy']:5.1f}%  lr {lr:.4g}  "
-                  f"{level}{images_seen / elapsed:,.0f} img/s  ETA {eta / 60:.1f} min", flush=True)
+                  f"{level}{images_seen / elapsed:,.0f} img/s  ETA {eta / 60:.1f} min{describe_gate(health, '  ')}", flush=True)
     return log
 
 
@@ -912,7 +1044,7 @@ def score_archs(model, images, labels, cfg, archs, path, amp):
     with open(path, "a", newline="") as file:
         writer = csv.writer(file)
         for i, arch in enumerate(todo):
-            scores[arch] = score_arch(model, arch, images, labels, cfg.batch_size, amp)
+            scores[arch] = score_arch(model, arch, images, labels, cfg.batch_size, amp, scoring_assignment(model, arch, cfg.eval_gate, cfg.eval_seed))
             writer.writerow([arch_to_str(arch), *scores[arch]])
             if (i + 1) % 100 == 0 or i + 1 == len(todo):
                 file.flush()
@@ -936,7 +1068,7 @@ def search_with_supernet(model, images, labels, cfg, scores, amp):
 
     def fitness(arch):  # archs outside the scored set are scored on demand
         if arch not in scores:
-            scores[arch] = score_arch(model, arch, images, labels, cfg.batch_size, amp)
+            scores[arch] = score_arch(model, arch, images, labels, cfg.batch_size, amp, scoring_assignment(model, arch, cfg.eval_gate, cfg.eval_seed))
         return scores[arch][0]
 
     best, _, history = regularized_evolution(fitness, cfg.search_budget, cfg.population, cfg.tournament, cfg.seed)
@@ -954,7 +1086,7 @@ def run(cfg, resume=False, load="", arch_strings=()):
     device = resolve_device(cfg.device)
     if load:  # score and search a trained supernet: its architecture comes from the checkpoint
         saved = load_checkpoint(load, device)
-        cfg = Config(**{**asdict(cfg), **{name: saved["config"][name] for name in ("blocks", "baseline", "channels", "cells")},
+        cfg = Config(**{**asdict(cfg), **{name: saved["config"].get(name, "none") for name in ("blocks", "baseline", "channels", "cells", "gate_norm")},
                         "out": cfg.out or str(Path(load).parent / "rescored")})
     # every input is checked before the output folder is touched
     truth = load_ground_truth(cfg.nb201) if cfg.nb201 else None
@@ -967,7 +1099,8 @@ def run(cfg, resume=False, load="", arch_strings=()):
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    model = CLOSENet(cfg.channels, cfg.cells, cfg.blocks, data.num_classes, cfg.baseline).to(device, memory_format=memory_format(device))
+    model = CLOSENet(cfg.channels, cfg.cells, cfg.blocks, data.num_classes, cfg.baseline, cfg.gate_norm == "layernorm")
+    model = model.to(device, memory_format=memory_format(device))
     print(f"{run_name(cfg)}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(data.train_labels):,} train / "
           f"{len(data.heldout_labels):,} held-out images, device {device}, output {out}", flush=True)
 
@@ -1004,12 +1137,14 @@ def run(cfg, resume=False, load="", arch_strings=()):
     times["search_s"] = time.time() - started
 
     top5 = [describe(arch, scores, truth, truth_ranks) for arch in sorted(archs, key=lambda a: -scores[a][0])[:5]]
-    model.eval()  # which blocks the GATE's argmax uses at scoring: a collapsed gate sends every edge to one block
-    block_usage = np.bincount([b for arch in archs for b in model.sharing_assignment(arch).blocks], minlength=model.num_blocks)
+    # which blocks the scored archs' live parameterised edges used: a collapsed GATE sends them all to one block
+    block_usage = np.bincount([b for arch in archs for b, live, op in zip(scoring_assignment(model, arch, cfg.eval_gate, cfg.eval_seed).blocks,
+                                                                          live_edges(arch), arch) if live and op in (CONV1X1, CONV3X3)],
+                              minlength=model.num_blocks)
     results = {"run": run_name(cfg), "ranking": metrics, "top5": top5, "search": search,
                "times": {key: round(value, 1) for key, value in times.items()}, "scored_archs": len(archs),
                "mean_oneshot_accuracy": float(np.mean([scores[a][0] for a in archs])),
-               "scoring_edges_per_block": block_usage.tolist(),
+               "scoring_edges_per_block": block_usage.tolist(), "gate": gate_health(model, probe_archs()),
                "heldout_images": len(labels), "device": str(device)}
     write_atomic(out / "metrics.json", json.dumps(results, indent=2))
     print_summary(out, results, log)
@@ -1023,8 +1158,9 @@ def print_summary(out, results, log):
     print("wall time: " + ", ".join(f"{key[:-2]} {value / 60:.1f} min" for key, value in times.items()))
     if log:
         print(f"last epoch: loss {log[-1]['loss']:.4f}, train accuracy {100 * log[-1]['accuracy']:.1f}%, level {log[-1]['level']}")
-    print(f"mean one-shot accuracy {results['mean_oneshot_accuracy']:.1f}% over {results['scored_archs']} archs; "
-          f"edges per block at scoring: {results['scoring_edges_per_block']}")
+    print(f"mean one-shot accuracy {results['mean_oneshot_accuracy']:.1f}% over {results['scored_archs']} archs")
+    if results.get("gate") and results["gate"]["spread"] is not None:
+        print(f"{describe_gate(results['gate'])}\nparameterised edges of the scored archs per block: {results['scoring_edges_per_block']}")
     comparison = [results]
     sibling = out.parent / results["run"].replace(*(("close", "vanilla") if results["run"].startswith("close") else ("vanilla", "close")))
     if (sibling / "metrics.json").exists():

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.special
 import scipy.stats
 import torch
 import torch.nn.functional as F
@@ -140,28 +141,74 @@ def grown(model, level):
     return model
 
 
-def test_growth_with_wit_leaves_outputs_unchanged():
+def trained_between_growths(rule, levels=(2, 3, 4)):
+    """Yield (model, level, outputs before the growth) with a little training between growths, so the blocks differ."""
     torch.manual_seed(0)
     model = close.CLOSENet(channels=4, cells=1, num_blocks=4)
     optimizer, _ = close.make_optimizer(model, close.Config())
     images, labels = small_batch()
     archs = close.unique_archs()[::700]
-    for level in (2, 3, 4):  # train a little between growths so the blocks and the gate differ
+    for level in levels:
         for arch in archs[:3]:
             close.train_step(model, optimizer, images, labels, arch, 5.0, False)
         model.eval()
-        before = [model(images, arch) for arch in archs]
+        before = {b: [model(images, arch, close.SharingAssignment([b] * 6)) for arch in archs] for b in range(level - 1)}
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        close.add_glow_block(model)
+        fresh = [p.clone() for p in model.cells()[0].glow_blocks[level - 1].parameters()]
+        fresh_row = model.gate.mlp[-1].weight[level - 1].clone()
+        close.add_glow_block(model, rule)
         assert model.level == level
         assert {id(p) for p in model.parameters()} == held  # in place: the optimizer holds the same tensors
+        for b in range(level - 1):  # blocks that existed compute exactly what they did
+            assert all(torch.equal(model(images, arch, close.SharingAssignment([b] * 6)), out) for arch, out in zip(archs, before[b]))
+        yield model, level, images, archs, fresh, fresh_row
+
+
+def test_copy_growth_leaves_outputs_unchanged():
+    for model, level, images, archs, _, _ in trained_between_growths("copy"):
         for cell in model.cells():
             for new, old in zip(cell.glow_blocks[level - 1].parameters(), cell.glow_blocks[level - 2].parameters()):
                 assert torch.equal(new, old)
         last = model.gate.mlp[-1]
         assert torch.equal(last.weight[level - 1], last.weight[level - 2]) and last.bias[level - 1] == last.bias[level - 2]
-        for arch, out in zip(archs, before):
-            assert torch.equal(model(images, arch), out)
+        assert all(torch.equal(model(images, arch, close.SharingAssignment([level - 1] * 6)),
+                               model(images, arch, close.SharingAssignment([level - 2] * 6))) for arch in archs)
+
+
+def test_perturbed_growth_stays_within_its_bound():
+    for model, level, images, archs, _, fresh_row in trained_between_growths("perturb"):
+        for cell in model.cells():
+            for new, old in zip(cell.glow_blocks[level - 1].parameters(), cell.glow_blocks[level - 2].parameters()):
+                change = (new - old).flatten(1).norm(dim=1) / old.flatten(1).norm(dim=1)  # per output channel's filter
+                assert torch.allclose(change, torch.full_like(change, close.GROWTH_NOISE), rtol=1e-4)
+        last = model.gate.mlp[-1]  # the logit row as in the official code: its own init plus the parent's row
+        assert torch.allclose(last.weight[level - 1], fresh_row + last.weight[level - 2])
+        x = torch.randn(16, 4, 8, 8)
+        for op in (close.CONV1X1, close.CONV3X3):  # an edge routed to the new block: its op's output moves by < 2x the noise
+            new, parent = (close.relu_conv_bn(x, model.cells()[0].glow_blocks[b].weight(op)) for b in (level - 1, level - 2))
+            assert 0 < (new - parent).norm() <= 2 * close.GROWTH_NOISE * parent.norm()
+
+
+def test_official_growth_adds_the_parent_to_the_fresh_init():
+    for model, level, _, _, fresh, _ in trained_between_growths("official"):
+        parent = model.cells()[0].glow_blocks[level - 2].parameters()
+        assert all(torch.allclose(new, f + p) for new, f, p in zip(model.cells()[0].glow_blocks[level - 1].parameters(), fresh, parent))
+
+
+@pytest.mark.parametrize("rule", ["copy", "perturb", "official"])
+def test_growth_rule_decides_whether_twins_silence_the_gate(rule):
+    torch.manual_seed(0)
+    model = close.CLOSENet(channels=4, cells=1, num_blocks=3, gate_norm=False)
+    close.add_glow_block(model, rule)  # straight after growth: block 1 descends from block 0, nothing trained since
+    images, labels = small_batch()
+    arch = (3, 2, 3, 1, 3, 2)
+    torch.manual_seed(1)
+    _, grads = loss_and_grads(model, images, labels, arch, gated_assignment(model, arch))
+    hidden = torch.cat([grads[n].flatten() for n in grads if n.startswith("gate.") and not n.startswith("gate.mlp.9")])
+    if rule == "copy":
+        assert hidden.norm() < 1e-9  # twins: no gradient into the encoder and hidden layers (but rounding)
+    else:
+        assert hidden.norm() > 1e-5
 
 
 def naive_glow_op(x, op, edge, glow_blocks, assignment):
@@ -237,19 +284,75 @@ def close_layer_index(model, cell_number):
     return [i for i, layer in enumerate(model.layers) if isinstance(layer, close.Cell)][cell_number]
 
 
-def test_gate_is_out_of_the_graph_and_not_decayed_at_level_one():
+@pytest.mark.parametrize("gate_weight_decay", [0.0, 5e-4])
+def test_gate_weight_decay_is_its_own_and_applies_at_level_one(gate_weight_decay):
     torch.manual_seed(0)
     model = close.CLOSENet(channels=4, cells=1, num_blocks=3)
-    optimizer, _ = close.make_optimizer(model, close.Config())
+    cfg = close.Config(gate_weight_decay=gate_weight_decay)
+    optimizer, _ = close.make_optimizer(model, cfg)
+    gate_ids = {id(p) for p in model.gate.parameters()}
+    assert [{id(p) for p in g["params"]} == gate_ids for g in optimizer.param_groups] == [False, True]
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [cfg.weight_decay, gate_weight_decay]
     before = [p.clone() for p in model.gate.parameters()]
     images, labels = small_batch()
-    for arch in close.unique_archs()[:4]:
-        close.train_step(model, optimizer, images, labels, arch, 5.0, False)
-    assert all(p.grad is None for p in model.gate.parameters())
-    assert all(torch.equal(a, b) for a, b in zip(before, model.gate.parameters()))  # no weight decay at level 1
+    close.train_step(model, optimizer, images, labels, (3,) * 6, 5.0, False)
+    # level 1: the GATE is out of the graph (zero gradient), so only its own weight decay moves it
+    for a, b in zip(before, model.gate.parameters()):
+        assert torch.equal(a, b) if gate_weight_decay == 0 else torch.allclose(b, a * (1 - cfg.lr * gate_weight_decay), rtol=1e-6, atol=0)
     close.add_glow_block(model)
     close.train_step(model, optimizer, images, labels, (3,) * 6, 5.0, False)
     assert not all(torch.equal(a, b) for a, b in zip(before, model.gate.parameters()))
+
+
+def test_gate_health_on_a_hand_built_gate(monkeypatch):
+    model = grown(close.CLOSENet(channels=4, cells=1, num_blocks=3), 3)
+    archs = [(3,) * 6, (2,) * 6, (3, 0, 0, 1, 0, 0)]  # the last has no live parameterised edge (0->1 is dead)
+    logits = torch.tensor([[[1.0, 0, 0]] * 6, [[0, 0, 1.0]] * 6, [[100.0, 0, 0]] * 6])
+    monkeypatch.setattr(model, "gate_logits", lambda given: logits if given == archs else None)
+    health = close.gate_health(model, archs)
+    centred = np.array([[2 / 3, -1 / 3, -1 / 3]] * 6 + [[-1 / 3, -1 / 3, 2 / 3]] * 6)  # the dead arch is left out
+    assert health["spread"] == pytest.approx(centred.std(0, ddof=1).mean())
+    assert health["off_dominant"] == pytest.approx(0.5)  # 6 edges on block 0, 6 on block 2
+    assert health["entropy"] == pytest.approx(scipy.stats.entropy(scipy.special.softmax([1, 0, 0])) / np.log(3))
+    assert close.gate_health(close.CLOSENet(channels=4, cells=1, num_blocks=3), archs)["spread"] is None  # level 1: no GATE at work
+    assert "COLLAPSED" in close.describe_gate({"spread": 0.5, "off_dominant": 0.0, "entropy": 0.9})
+    assert "BLIND" in close.describe_gate({"spread": 1e-4, "off_dominant": 0.0, "entropy": 1.0})
+
+
+def test_sampled_scoring_gate_is_seeded_per_arch():
+    torch.manual_seed(0)
+    model = grown(close.CLOSENet(channels=4, cells=1, num_blocks=5, gate_norm=False), 5)  # a flat GATE at init
+    archs = close.unique_archs()[:40]
+    draws = [close.scoring_assignment(model, arch, "sample", seed=3).blocks for arch in archs]
+    assert draws == [close.scoring_assignment(model, arch, "sample", seed=3).blocks for arch in archs[::-1]][::-1]  # any order
+    assert draws != [close.scoring_assignment(model, arch, "sample", seed=4).blocks for arch in archs]
+    assert len(set(sum(draws, []))) == 5  # a flat GATE's draws spread over the blocks ...
+    argmax = [close.scoring_assignment(model, arch).blocks for arch in archs]
+    assert len(set(sum(argmax, []))) == 1  # ... where its argmax sends every edge to one block
+
+
+def test_block_preference_on_a_known_loss_table(monkeypatch):
+    model = grown(close.CLOSENet(channels=4, cells=1, num_blocks=2), 2)
+    archs = [(3,) * 6, (2,) * 6, (3, 2, 3, 2, 3, 2), (2, 3, 2, 3, 2, 3)]  # 6 live parameterised edges each
+    gate_choice = [0, 1, 1, 1]  # the GATE's block for each arch
+
+    def loss(i, block, half):  # block 1 is 0.05 worse for every arch; odd archs like block 1 by 0.08 more than block 0
+        return 0.1 * i + 0.05 * block - (0.08 * block if i % 2 else 0) + 0.001 * half
+
+    def fake_score(model, arch, images, labels, batch_size, amp=False, assignment=None):
+        i = archs.index(arch)
+        return 0.0, loss(i, assignment.blocks[0] if assignment else gate_choice[i], float(images[0, 0, 0, 0]))
+
+    monkeypatch.setattr(close, "score_arch", fake_score)
+    monkeypatch.setattr(model, "sharing_assignment", lambda arch: close.SharingAssignment([gate_choice[archs.index(arch)]] * 6))
+    images = torch.cat([torch.zeros(4, 3, 32, 32), torch.ones(4, 3, 32, 32)])  # the pixel value names the half
+    p = close.block_preference(model, archs, images, torch.zeros(8, dtype=torch.long), batch_size=4)
+    assert p["images_per_half"] == 4 and p["agreement"] == pytest.approx(1) and p["best_block_agreement"] == 1
+    # best blocks: 0, 1, 0, 1 (odd archs: 0.05 - 0.08 < 0); the GATE misses arch 2 only
+    assert p["gate_hits"] == 0.75
+    assert p["gain_best_block"] == pytest.approx(np.mean([0.025, 0.015, 0.025, 0.015]))  # mean of both blocks minus the best
+    assert p["gain_single_block"] == pytest.approx(np.mean([0.025, -0.015, 0.025, -0.015]))  # block 0 for everyone
+    assert p["gain_gate"] == pytest.approx(np.mean([0.025, 0.015, -0.025, 0.015]))
 
 
 def test_scoring_is_deterministic_argmax_and_uses_batch_statistics():
@@ -386,9 +489,11 @@ def test_end_to_end_run_writes_every_output(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["ranking"]["n"] == 12 and -1 <= metrics["ranking"]["kendall_tau"] <= 1
     assert set(metrics["times"]) == {"data_s", "train_s", "score_s", "search_s"}
-    assert len(metrics["scoring_edges_per_block"]) == 2 and sum(metrics["scoring_edges_per_block"]) == 12 * 6
     with open(out / "scores.csv") as file:
         rows = list(csv.DictReader(file))
+    live_conv_edges = sum(live and op in (2, 3) for row in rows for live, op in zip(close.live_edges(close.str_to_arch(row["arch"])), close.str_to_arch(row["arch"])))
+    assert len(metrics["scoring_edges_per_block"]) == 2 and sum(metrics["scoring_edges_per_block"]) == live_conv_edges
+    assert set(metrics["gate"]) == {"spread", "off_dominant", "entropy"} and 0 <= metrics["gate"]["off_dominant"] <= 1
     assert len(rows) == 12 and all(row["nb201_accuracy"] for row in rows)
     log = list(csv.DictReader(open(out / "log.csv")))
     assert [row["level"] for row in log] == ["1", "2"]
