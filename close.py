@@ -1,15 +1,16 @@
 """CLOSE: Curriculum Learning On the Sharing Extent (Zhou et al., ECCV 2022) on NAS-Bench-201.
 
-One file, read top to bottom, in the order of the paper:
+One file, read top to bottom. Sections 1-7 are the method, in the order of the paper; 8-9 are the
+program around it:
 
     1. search space        NB201 cells, arch strings, isomorphism classes, live edges
     2. data                CIFAR-10 (or an image folder, or synthetic) kept on the device, augmented there
     3. CLOSENet            GLOW blocks (the parameter pool), the sharing assignment, the GATE
     4. curriculum          one block at first, more blocks on a schedule, WIT (weight inheritance)
     5. training            the official recipe, scaled to --epochs
-    6. evaluation          one-shot scores and ranking metrics against NB201
-    7. search              regularized evolution over unique architectures
-    8. runs                checkpoints, resume, outputs, summary, comparison, benchmark
+    6. evaluation          one-shot scores, the GATE's health, ranking metrics against NB201
+    7. search              regularized evolution with the supernet as fitness
+    8. runs                checkpoints and exact resume, outputs, summary, comparison, plot, benchmark
     9. command line
 
     python close.py --epochs 250 --device cuda                  # train, score all 6,466 archs, search
@@ -24,8 +25,10 @@ import functools
 import itertools
 import json
 import math
+import operator
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -39,8 +42,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def option(default, description):
-    return field(default=default, metadata={"help": description})
+def option(default, description, choices=None):
+    return field(default=default, metadata={"help": description, "choices": choices})
 
 
 @dataclass
@@ -55,36 +58,61 @@ class Config:
     batch_size: int = option(256, "training and scoring batch size")
     lr: float = option(0.05, "SGD learning rate")
     momentum: float = option(0.9, "SGD momentum")
-    weight_decay: float = option(5e-4, "SGD weight decay")
+    weight_decay: float = option(5e-4, "SGD weight decay (the GATE has its own, below)")
     grad_clip: float = option(5.0, "gradient-norm clip")
     seed: int = option(0, "seed of training (sampling, augmentation, Gumbel noise, init)")
-    # the GATE (official code: --growth official --gate-weight-decay 5e-4 --gate-norm none --eval-gate sample)
-    growth: str = option("perturb", "WIT rule for a new block: perturb (a copy plus 10%% noise), copy (exact copy of block and logit row), official (both added to their fresh init)")
-    gate_weight_decay: float = option(0.0, "weight decay on the GATE's parameters, at every level")
-    gate_norm: str = option("layernorm", "node features before the GATE's MLP: layernorm, or none (official)")
-    eval_gate: str = option("argmax", "blocks at scoring: argmax of the GATE, or sample (one seeded Gumbel draw per arch, official)")
+    # the GATE; the official code: --growth official --gate-weight-decay 5e-4 --gate-norm none --eval-gate sample
+    growth: str = option("perturb", "WIT rule for a new block: perturb (a copy plus 10%% noise), copy (exact copy "
+                         "of block and logit row), official (both added to their fresh init)", ("perturb", "copy", "official"))
+    gate_weight_decay: float = option(0.0, "weight decay on the GATE's parameters, at every level (official: 5e-4)")
+    gate_norm: str = option("layernorm", "node features before the GATE's MLP: layernorm, or none (official)", ("layernorm", "none"))
+    eval_gate: str = option("argmax", "blocks at scoring: the GATE's argmax, or sample (one seeded Gumbel draw "
+                            "per arch, official)", ("argmax", "sample"))
     # data
     data: str = option("cifar10", "'cifar10' (torchvision download), 'synthetic', or an image-folder tree PATH with train/<class>/*")
     data_root: str = option("data", "where torchvision keeps CIFAR-10")
+    train_subset: int = option(0, "train on a seeded random subset of N training images (0: all), for a quick real-data run")
     device: str = option("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
     # scoring and search
     eval_archs: int = option(0, "score a seeded random subset of N unique archs (0: all 6,466)")
     eval_batches: int = option(0, "score on the first N held-out batches only (0: the whole held-out split)")
-    eval_seed: int = option(0, "seed of the --eval-archs subset (kept apart from --seed so runs score the same archs)")
+    eval_seed: int = option(0, "seed of the --eval-archs subset and of --eval-gate sample (apart from --seed, so runs score the same archs)")
     search_budget: int = option(1000, "fitness evaluations of the evolutionary search (0: no search)")
     population: int = option(50, "population of the evolutionary search")
     tournament: int = option(10, "tournament sample of the evolutionary search")
     nb201: str = option("", "NB201 ground truth (compact CSV, official .pth, or NATS-Bench archive) for the ranking metrics")
-    out: str = option("", "output folder (default runs/<close|vanilla>-seed<seed>)")
+    out: str = option("", "output folder (default runs/<close|vanilla>-<data>-C<channels>x<cells>-<epochs>ep-seed<seed>)")
 
 
 # Options that define the trained supernet: a resumed run must agree on all of them.
-RUN_OPTIONS = ("blocks", "baseline", "channels", "cells", "epochs", "batch_size", "lr", "momentum",
-               "weight_decay", "grad_clip", "seed", "growth", "gate_weight_decay", "gate_norm", "data")
+RUN_OPTIONS = ("blocks", "baseline", "channels", "cells", "epochs", "batch_size", "lr", "momentum", "weight_decay",
+               "grad_clip", "seed", "growth", "gate_weight_decay", "gate_norm", "data", "train_subset")
+MODEL_OPTIONS = ("blocks", "baseline", "channels", "cells", "gate_norm")  # what a checkpoint's weights need
 
 
 class UsageError(Exception):
     """A problem with the user's input: reported as one line, never as a traceback."""
+
+
+def with_progress(items, label, total=None):
+    """Yield from `items`, keeping a status line: done/total, rate, time left. A terminal sees one
+    line redrawn in place (erased at the end); a log file gets a line a minute on long work."""
+    total, tty = (len(items) if total is None else total), sys.stdout.isatty()
+    started = shown = time.time()
+    for done, item in enumerate(items, 1):
+        yield item
+        now = time.time()
+        if now - shown > (0.5 if tty else 60) and done < total:
+            rate = done / (now - started)
+            line = f"{label}: {done:,}/{total:,}  {rate:,.1f}/s  {minutes((total - done) / rate)} left"
+            print(f"\r{line}\033[K" if tty else line, end="" if tty else "\n", flush=True)
+            shown = now
+    if tty and shown > started:
+        print("\r\033[K", end="", flush=True)
+
+
+def minutes(seconds):
+    return f"{seconds / 60:.1f} min"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,6 +125,7 @@ NONE, SKIP, CONV1X1, CONV3X3, AVG_POOL = range(len(OPS))
 EDGES = ((0, 1), (0, 2), (1, 2), (0, 3), (1, 3), (2, 3))
 ALL_ARCHS = tuple(itertools.product(range(len(OPS)), repeat=len(EDGES)))  # 5^6 = 15,625
 ALL_ARCHS_INDEX = {arch: i for i, arch in enumerate(ALL_ARCHS)}
+ARCH_FORMAT = "|op~0|+|op~0|op~1|+|op~0|op~1|op~2|"
 
 
 def arch_to_str(arch):
@@ -106,22 +135,38 @@ def arch_to_str(arch):
 
 
 def str_to_arch(text):
-    """The inverse of arch_to_str; anything else raises ValueError naming the string."""
-    nodes = text.split("+") if isinstance(text, str) else []
-    arch = []
+    """The inverse of arch_to_str; anything else raises ValueError naming the string and the bad part."""
+    nodes, arch, problem = text.split("+") if isinstance(text, str) else [], [], ""
     for node, part in enumerate(nodes, start=1):
         inputs = part.split("|")
         if len(inputs) != node + 2 or inputs[0] or inputs[-1]:  # '|a~0|b~1|' splits to ['', 'a~0', 'b~1', '']
+            problem = f"node {node} should read {ARCH_FORMAT.split('+')[min(node, 3) - 1]}, not {part!r}"
             break
         for src, token in enumerate(inputs[1:-1]):
             op, _, source = token.partition("~")
             if op not in OPS or source != str(src):
+                problem = f"{op!r} is not an op ({', '.join(OPS)})" if op not in OPS else f"{token!r} should come from node {src}"
                 break
             arch.append(OPS.index(op))
-    if len(nodes) != 3 or len(arch) != len(EDGES):
-        raise ValueError(f"not an NB201 architecture string: {text!r} "
-                         f"(expected '|op~0|+|op~0|op~1|+|op~0|op~1|op~2|' with ops from {', '.join(OPS)})")
+        if problem:
+            break
+    if problem or len(nodes) != 3:
+        raise ValueError(f"not an NB201 architecture string: {text!r} ({problem or f'expected {ARCH_FORMAT}'})")
     return tuple(arch)
+
+
+def as_arch(arch):
+    """An arch as the tuple of its 6 op indices, from that tuple (or list, array) or from its NB201
+    string. Anything else is a ValueError, never a silently different network."""
+    if isinstance(arch, str):
+        return str_to_arch(arch)
+    try:
+        ops = tuple(-1 if isinstance(op, bool) else operator.index(op) for op in arch)
+    except TypeError:
+        ops = ()
+    if len(ops) != len(EDGES) or not all(0 <= op < len(OPS) for op in ops):
+        raise ValueError(f"not an NB201 architecture: {arch!r} (give its string {ARCH_FORMAT} or its 6 op indices 0-4)")
+    return ops
 
 
 def isomorphism_key(arch):
@@ -136,7 +181,7 @@ def isomorphism_key(arch):
     expression = ["x"]
     for node in (1, 2, 3):
         terms = []
-        for (src, dst), op in zip(EDGES, arch):
+        for (src, dst), op in zip(EDGES, as_arch(arch)):
             if dst != node:
                 continue
             if op == NONE or expression[src] == "#":
@@ -160,7 +205,7 @@ def _class_representatives():
 
 def canonical(arch):
     """The representative of arch's isomorphism class: isomorphic archs map to the same tuple."""
-    return _class_representatives()[isomorphism_key(tuple(arch))]
+    return _class_representatives()[isomorphism_key(arch)]
 
 
 def unique_archs():
@@ -168,18 +213,23 @@ def unique_archs():
     return tuple(_class_representatives().values())
 
 
-@functools.cache
 def live_edges(arch):
     """Which edges do any work: the source is reachable from the input and the target reaches the output."""
+    arch = as_arch(arch)
     reachable = {0}
-    for src, dst in EDGES:  # EDGES is topologically ordered by target
-        if src in reachable and arch[EDGES.index((src, dst))] != NONE:
+    for (src, dst), op in zip(EDGES, arch):  # EDGES is topologically ordered by target
+        if src in reachable and op != NONE:
             reachable.add(dst)
     reaches_output = {3}
-    for src, dst in reversed(EDGES):
-        if dst in reaches_output and arch[EDGES.index((src, dst))] != NONE:
+    for (src, dst), op in reversed(list(zip(EDGES, arch))):
+        if dst in reaches_output and op != NONE:
             reaches_output.add(src)
     return tuple(op != NONE and src in reachable and dst in reaches_output for (src, dst), op in zip(EDGES, arch))
+
+
+def routed_edges(arch):
+    """The edges whose op has weights and runs: the only ones a sharing assignment decides anything for."""
+    return [e for e, (live, op) in enumerate(zip(live_edges(arch), as_arch(arch))) if live and op in (CONV1X1, CONV3X3)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,7 +266,14 @@ def synthetic_dataset(train=1024, heldout=256, num_classes=10, seed=0):
 def cifar10_dataset(root):
     """torchvision's CIFAR-10 train set, split by position as the official code does (its order is random)."""
     import torchvision
-    train_set = torchvision.datasets.CIFAR10(root, train=True, download=True)
+    created = not Path(root).exists()
+    try:
+        train_set = torchvision.datasets.CIFAR10(root, train=True, download=True)
+    except (OSError, RuntimeError) as error:  # offline: URLError; a broken archive: RuntimeError
+        if created:
+            shutil.rmtree(root, ignore_errors=True)
+        raise UsageError(f"CIFAR-10 could not be downloaded into {root} ({str(error).splitlines()[0][:80]}): use --data PATH "
+                         f"(an image-folder tree), --data synthetic, or --data-root DIR holding cifar-10-batches-py") from None
     images = torch.from_numpy(train_set.data).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor(train_set.targets)
     split = round(len(labels) * (1 - HELDOUT_FRACTION))
@@ -236,7 +293,7 @@ def image_folder_dataset(path, seed=0):
     if len(folder.classes) < 2:
         raise UsageError(f"--data {path}: {root} holds {len(folder.classes)} class folder(s); need at least 2")
     try:
-        images = torch.stack([image for image, _ in folder])
+        images = torch.stack([image for image, _ in with_progress(folder, f"decoding {root}")])
     except OSError as error:
         raise UsageError(f"--data {path}: an image could not be read ({error})") from None
     labels = torch.tensor(folder.targets)
@@ -248,12 +305,17 @@ def image_folder_dataset(path, seed=0):
 
 def load_dataset(cfg):
     if cfg.data == "synthetic":
-        return synthetic_dataset(seed=cfg.seed)
-    if cfg.data == "cifar10":
-        return cifar10_dataset(cfg.data_root)
-    if not Path(cfg.data).is_dir():
+        data = synthetic_dataset(seed=cfg.seed)
+    elif cfg.data == "cifar10":
+        data = cifar10_dataset(cfg.data_root)
+    elif Path(cfg.data).is_dir():
+        data = image_folder_dataset(cfg.data)
+    else:
         raise UsageError(f"--data {cfg.data}: not 'cifar10', 'synthetic' or a folder")
-    return image_folder_dataset(cfg.data)
+    if cfg.train_subset and cfg.train_subset < len(data.train_labels):  # a quick run on real data
+        keep = torch.randperm(len(data.train_labels), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.train_subset]
+        data = Dataset(data.train_images[keep], data.train_labels[keep], data.heldout_images, data.heldout_labels, data.num_classes)
+    return data
 
 
 def normalize(images):
@@ -282,6 +344,23 @@ def augment(images):
 # ----------------------------------------------------------------------------------------------
 # 3. CLOSENet: parameters decoupled from operations
 # ----------------------------------------------------------------------------------------------
+# The paper's words and this file's names:
+#   GLOW block: one set of weights for a cell's ops               GlowBlock; a cell's pool: Cell.glow_blocks
+#   K, the number of GLOW blocks per cell                         --blocks, CLOSENet.num_blocks
+#   sharing assignment: which block each edge of an arch uses     SharingAssignment
+#   GATE: graph encoder + MLP that draws the assignment           Gate, CLOSENet.sharing_assignment
+#   sharing extent: how many edges share one block               shrinks as `level` (active blocks) grows
+#   curriculum on the sharing extent                              curriculum_level (section 4)
+#   WIT, weight inheritance training                              add_glow_block (section 4)
+#   vanilla one-shot supernet: one block per edge, no GATE        CLOSENet(baseline=True), --baseline
+MEMORY_FORMAT = torch.channels_last  # faster for these small convolutions on both CPU (oneDNN) and GPU (cuDNN)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA, where it pays (the GATE opts out, see gate_logits); fp32 on the CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def batch_norm(channels, affine=True):
     # Architectures are always scored with batch statistics (the one-shot protocol), so running
     # statistics would never be read: we do not keep them, and eval() mode uses batch statistics.
@@ -314,39 +393,36 @@ class GlowBlock(nn.Module):
 class SharingAssignment:
     """Which GLOW block each of the 6 edges uses; the same assignment holds in every cell.
 
-    blocks: 6 block indices, python ints when fixed (vanilla, level 1, scoring) or a device tensor
+    blocks: 6 block indices, a list of ints when fixed (vanilla, level 1, scoring) or a device tensor
     when drawn by the GATE in training; gate: the GATE's straight-through weights [6, level]
     (forward value one-hot at `blocks`), or None when the assignment is fixed.
     """
-    blocks: object
+    blocks: list[int] | torch.Tensor
     gate: torch.Tensor | None = None
 
 
-def vanilla_assignment():
-    """The classic one-shot supernet: edge e always uses its own block e."""
-    return SharingAssignment(blocks=list(range(len(EDGES))))
-
-
-def level_one_assignment():
-    """Curriculum level 1, the largest sharing extent: every edge uses block 0."""
-    return SharingAssignment(blocks=[0] * len(EDGES))
+def glow_op_reference(x, op, edge, glow_blocks, assignment):
+    """The paper's edge output: sum_i gate_i * block_i(x) over the active blocks (every block with
+    autograd, as the official code computes it). The gate is one-hot in the forward pass."""
+    if assignment.gate is None:
+        return relu_conv_bn(x, glow_blocks[assignment.blocks[edge]].weight(op))
+    gate = assignment.gate[edge]
+    return sum(gate[i] * relu_conv_bn(x, glow_blocks[i].weight(op)) for i in range(len(gate)))
 
 
 def glow_op(x, op, edge, glow_blocks, assignment):
-    """Output of a parameterised op on `edge`, with the weights the sharing assignment picks.
+    """glow_op_reference, computed fast: the same output, loss and every gradient (test_close.py checks).
 
-    With the GATE, the paper's edge output is sum_i gate_i * block_i(x), where gate is one-hot in the
-    forward pass (straight-through). A block with forward weight 0 gets no gradient, so only the
-    chosen block needs autograd; the others are needed for their *values* alone (the gate's gradient
-    is <dL/d out, block_i(x)>), so they run forward-only, fused into one convolution. The result,
-    loss and every gradient equal the all-blocks formulation (test_close.py checks it).
+    A block with forward weight 0 gets no gradient, so only the chosen block needs autograd; the
+    others are needed for their *values* alone (the gate's gradient is <dL/d out, block_i(x)>), so
+    they run forward-only, fused into one convolution. The choice stays a device tensor: no host sync.
     """
     if assignment.gate is None:
         return relu_conv_bn(x, glow_blocks[assignment.blocks[edge]].weight(op))
     gate = assignment.gate[edge]                                    # [level]
     level = gate.shape[0]
     weights = torch.stack([block.weight(op) for block in glow_blocks[:level]])
-    chosen = assignment.blocks[edge].view(1)                        # device tensor: no host sync
+    chosen = assignment.blocks[edge].view(1)
     out = gate.index_select(0, chosen) * relu_conv_bn(x, weights.index_select(0, chosen)[0])
     if level > 1:
         others = (chosen + torch.arange(1, level, device=chosen.device)) % level  # the level-1 blocks not chosen
@@ -418,10 +494,11 @@ class Gate(nn.Module):
 
     Encoder (GATES-style, node level): node 0 starts from a learned embedding, nodes 1-3 from zero;
     each graph layer sends node j's message W h_j to node i through an attention vector made from
-    the op on edge j->i (zero when that op is none), so the ops steer the information flow.
-    normalize=True puts a parameter-free LayerNorm on the node features before the MLP: at PyTorch's
-    default init the 5 graph layers shrink them ~17x and the MLP's biases drown what is left of the
-    architecture (logits vary by ~1e-4 across archs), so the GATE starts blind and learns slowly.
+    the op on edge j->i (zero when that op is none), so the ops steer the information flow. The
+    widths (op embedding 48, lift 96, 5 graph layers of 128, MLP 200) are the official NB201 config.
+    normalize: a parameter-free LayerNorm on the node features before the MLP (ours). At PyTorch's
+    default init the graph layers shrink the features ~17x and the MLP's biases drown what is left
+    of the architecture: a fresh GATE's logits vary by ~1e-4 across archs, and it learns slowly.
     """
 
     def __init__(self, num_blocks, embedding=48, hidden=96, graph_layers=(128,) * 5, mlp=200, dropout=0.1, normalize=True):
@@ -453,14 +530,14 @@ class Gate(nn.Module):
             support = message(h)                                        # [..., node, width]
             att = torch.sigmoid(attention(op_features)) * is_edge       # [..., to, from, width]
             h_next = torch.einsum("...ijw,...jw->...iw", att, support)
-            h = torch.cat([h_next[..., :1, :] + support[..., :1, :], h_next[..., 1:, :]], dim=-2)  # node 0 keeps its own message
+            h = torch.cat([h_next[..., :1, :] + support[..., :1, :], h_next[..., 1:, :]], dim=-2)  # node 0 keeps its message
             if layer < len(self.messages) - 1:
                 h = F.relu(h)
         h = self.node_norm(h)
         return self.mlp(torch.cat([h[..., self.edge_src, :], h[..., self.edge_dst, :]], dim=-1))
 
 
-GUMBEL_TEMPERATURE = 5.0
+GUMBEL_TEMPERATURE = 5.0  # the official NB201 config; the forward draw is argmax(logits + Gumbel) whatever it is
 
 
 class CLOSENet(nn.Module):
@@ -488,20 +565,20 @@ class CLOSENet(nn.Module):
         return [layer for layer in self.layers if isinstance(layer, Cell)]
 
     def gate_logits(self, archs):
-        """The GATE's logits over the active blocks, [..., 6, level], for one arch or a list of archs.
+        """The GATE's logits over the active blocks: [6, level] for one arch, [N, 6, level] for a list.
         Always fp32: bf16 would round them by ~5e-4, more than a fresh GATE's architecture signal."""
-        one = not isinstance(archs[0], (tuple, list))
-        indices = ALL_ARCHS_INDEX[tuple(archs)] if one else torch.tensor([ALL_ARCHS_INDEX[tuple(a)] for a in archs])
+        many = not isinstance(archs, str) and not isinstance(archs[0], (int, np.integer))
+        index = torch.tensor([ALL_ARCHS_INDEX[as_arch(a)] for a in archs]) if many else ALL_ARCHS_INDEX[as_arch(archs)]
         with torch.autocast(self.all_archs.device.type, enabled=False):
-            return self.gate(self.all_archs[indices])[..., :self.level]
+            return self.gate(self.all_archs[index])[..., :self.level]
 
     def sharing_assignment(self, arch, sample_seed=None):
-        """Training: a straight-through Gumbel draw from the GATE. Scoring: its argmax, or with
-        sample_seed one seeded Gumbel draw per arch, as the official scorer does."""
+        """Training: a straight-through Gumbel draw from the GATE. Scoring (eval mode): its argmax, or
+        with sample_seed one seeded Gumbel draw, as the official scorer does."""
         if self.baseline:
-            return vanilla_assignment()
+            return SharingAssignment(blocks=list(range(len(EDGES))))  # vanilla: edge e always uses its own block e
         if self.level == 1:
-            return level_one_assignment()  # the GATE has nothing to choose: it is left out of the graph
+            return SharingAssignment(blocks=[0] * len(EDGES))  # everything shared; the GATE has nothing to choose
         logits = self.gate_logits(arch)
         if self.training:
             # Gumbel-softmax with straight-through: forward one-hot, gradient of the soft probabilities.
@@ -514,7 +591,7 @@ class CLOSENet(nn.Module):
         return SharingAssignment(blocks=torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator)[:, 0].tolist())
 
     def forward(self, images, arch, assignment=None):
-        arch = tuple(arch)
+        arch = as_arch(arch)
         if assignment is None:
             assignment = self.sharing_assignment(arch)
         x = self.stem(images)
@@ -530,7 +607,6 @@ class CLOSENet(nn.Module):
         self.level = state["level"]
 
 
-
 # ----------------------------------------------------------------------------------------------
 # 4. Curriculum on the sharing extent
 # ----------------------------------------------------------------------------------------------
@@ -539,13 +615,13 @@ def curriculum_level(epoch, epochs, num_blocks):
     return min(num_blocks, 1 + epoch * num_blocks // epochs)
 
 
-GROWTH_RULES = ("perturb", "copy", "official")
 GROWTH_NOISE = 0.1  # 'perturb': each filter of the new block differs from its parent's by exactly this relative norm
 
 
 @torch.no_grad()
 def add_glow_block(model, rule="perturb"):
-    """Activate the next block with WIT (weight inheritance) from the previous one.
+    """Activate the next block with WIT (weight inheritance) from the previous one, in place (the
+    optimizer keeps training the same tensors).
 
     'copy': the block and its GATE logit row are exact copies. The network computes what it did, but
     the twins silence the GATE: equal blocks give equal <dL/d out, block_i(x)>, and with equal logit
@@ -553,10 +629,9 @@ def add_glow_block(model, rule="perturb"):
     'official': the parent's weights are *added* to the new block's fresh initialisation, and the
     parent's logit row to the new row's: the twins differ, but an edge routed to the new block
     computes something quite different.
-    'perturb' (ours): the block is a copy plus noise whose norm is GROWTH_NOISE of each weight
-    tensor's norm, so an edge routed to it changes a little; the logit row is inherited as in the
-    official code, keeping the new row's random, architecture-dependent initialisation.
-    Done in place, so the optimizer keeps training the same tensors.
+    'perturb' (ours): each filter of the block is its parent's plus noise of GROWTH_NOISE of its norm,
+    so an edge routed to it changes by about that much; the logit row is inherited as in 'official',
+    keeping the new row's random, architecture-dependent initialisation.
     """
     new = model.level
     for cell in model.cells():
@@ -565,7 +640,7 @@ def add_glow_block(model, rule="perturb"):
                 inherited.add_(parent)
             else:
                 inherited.copy_(parent)
-            if rule == "perturb":  # every output channel's filter moves by GROWTH_NOISE of its norm
+            if rule == "perturb":
                 noise, norm = torch.randn_like(parent), functools.partial(torch.linalg.vector_norm, dim=(1, 2, 3), keepdim=True)
                 inherited.add_(noise * (GROWTH_NOISE * norm(parent) / norm(noise)))
     last = model.gate.mlp[-1]
@@ -578,8 +653,8 @@ def add_glow_block(model, rule="perturb"):
 # 5. Training (the official recipe, scaled to --epochs)
 # ----------------------------------------------------------------------------------------------
 def make_optimizer(model, cfg):
-    """SGD over everything. The GATE is its own parameter group with its own weight decay (default
-    none): its gradient is ~1e-3 of decay's pull on the encoder, so decay would erase what it learns."""
+    """SGD over everything, the official recipe. The GATE is its own parameter group with its own
+    weight decay (default none): its gradient is ~1e-3 of decay's pull, so decay would erase it."""
     gate = list(model.gate.parameters()) if model.gate is not None else []
     rest = [p for p in model.parameters() if all(p is not q for q in gate)]
     groups = [{"params": rest}] + ([{"params": gate, "weight_decay": cfg.gate_weight_decay}] if gate else [])
@@ -590,48 +665,19 @@ def make_optimizer(model, cfg):
 
 
 def restart_epoch(cfg):
-    """The official run restarts the optimizer (lr back to 0.05) at 40% of training."""
+    """The official run restarts the optimizer (lr back to 0.05, fresh momentum) at epoch 401 of 1,000."""
     return int(0.4 * cfg.epochs)
 
 
-def train_epoch(model, optimizer, data, cfg, archs, amp, stop=None, progress=None):
-    """One pass over the training split, one uniformly drawn unique architecture per step.
-    Nothing is read back to the host until the end of the epoch. A stop request ends the pass
-    after the current step and returns (None, progress), which a checkpoint can continue from."""
-    model.train()
-    device = data.train_images.device
-    if progress is None:
-        steps = math.ceil(len(data.train_labels) / cfg.batch_size)
-        progress = {"order": torch.randperm(len(data.train_labels), device=device), "step": 0, "archs": [],
-                    "step_losses": torch.zeros(steps, device=device), "correct": torch.zeros((), device=device)}
-    order, step_losses = progress["order"], progress["step_losses"]
-    for step in range(progress["step"], len(step_losses)):
-        if stop is not None and stop.requested:
-            return None, progress
-        arch = archs[torch.randint(len(archs), ()).item()]  # CPU generator: no device sync
-        progress["archs"].append(arch)
-        batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-        images = normalize(augment(data.train_images[batch])).contiguous(memory_format=memory_format(device))
-        labels = data.train_labels[batch]
-        loss, logits = train_step(model, optimizer, images, labels, arch, cfg.grad_clip, amp)
-        step_losses[step] = loss * len(batch)
-        progress["correct"] += (logits.argmax(1) == labels).sum()
-        progress["step"] = step + 1
-    losses = step_losses.tolist()
-    bad = next((i for i, value in enumerate(losses) if not math.isfinite(value)), None)
-    return {"loss": sum(losses) / len(order), "accuracy": progress["correct"].item() / len(order),
-            "bad_step": None if bad is None else (bad, arch_to_str(progress["archs"][bad]))}, progress
-
-
-def train_step(model, optimizer, images, labels, arch, grad_clip, amp):
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+def train_step(model, optimizer, images, labels, arch, grad_clip):
+    with autocast(images.device):
         logits = model(images, arch)
     loss = F.cross_entropy(logits.float(), labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if model.level == 1 and model.gate is not None:
         # The GATE is out of the graph at level 1. A zero gradient (not None) lets SGD apply the GATE's
-        # weight decay as the official code does; with --gate-weight-decay 0 it leaves the GATE as it is.
+        # weight decay, as the official code does; with --gate-weight-decay 0 the GATE stays as it is.
         for p in model.gate.parameters():
             p.grad = torch.zeros_like(p)
     nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -639,109 +685,168 @@ def train_step(model, optimizer, images, labels, arch, grad_clip, amp):
     return loss.detach(), logits.detach()
 
 
-def memory_format(device):
-    return torch.channels_last  # faster for these small convolutions on both CPU (oneDNN) and GPU (cuDNN)
+@dataclass
+class EpochProgress:
+    """One pass over the training split, which can stop after any step and continue exactly."""
+    order: torch.Tensor    # the image order of this pass
+    losses: torch.Tensor   # per step: loss x batch size, kept on the device (read once, at the end)
+    correct: torch.Tensor  # training images classified correctly so far
+    lr: float              # the learning rate the pass started with
+    archs: list = field(default_factory=list)  # each step's arch, to name the one that breaks the loss
+    step: int = 0          # steps done
+    seconds: float = 0.0   # time spent in this pass, across a stop and resume
+
+    @classmethod
+    def begin(cls, data, cfg, lr):
+        device, steps = data.train_labels.device, math.ceil(len(data.train_labels) / cfg.batch_size)
+        return cls(torch.randperm(len(data.train_labels), device=device), torch.zeros(steps, device=device),
+                   torch.zeros((), device=device), lr)
+
+
+def train_epoch(model, optimizer, data, cfg, progress, stop=None):
+    """One pass over the training split, one uniformly drawn unique architecture per step (de-isomorphic
+    sampling). Nothing is read back to the host inside the pass; a stop request ends it after a step."""
+    model.train()
+    archs, started = unique_archs(), time.time()
+    for step in with_progress(range(progress.step, len(progress.losses)), "steps"):
+        if stop is not None and stop.requested:
+            break
+        arch = archs[torch.randint(len(archs), ()).item()]  # CPU generator: no device sync
+        batch = progress.order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        images = normalize(augment(data.train_images[batch])).contiguous(memory_format=MEMORY_FORMAT)
+        loss, logits = train_step(model, optimizer, images, data.train_labels[batch], arch, cfg.grad_clip)
+        progress.losses[step] = loss * len(batch)
+        progress.correct += (logits.argmax(1) == data.train_labels[batch]).sum()
+        progress.archs.append(arch)
+        progress.step = step + 1
+    progress.seconds += time.time() - started
+
+
+@dataclass
+class TrainingState:
+    """Everything the schedule changes as it goes (a checkpoint stores it, with the model)."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+    epoch: int = 0                        # epochs finished
+    epoch_progress: EpochProgress | None = None  # the pass under way, when a stop interrupted it
+
+
+def train(model, data, cfg, state, stop=None, epoch_done=lambda finished: None):
+    """CLOSE's schedule: at each epoch, grow the pool up to the curriculum level (WIT), restart the
+    optimizer at 40%, make one pass, and step the plateau scheduler on the epoch's loss. Returns False
+    when a stop request ended a pass early (state then holds where to continue)."""
+    for epoch in range(state.epoch, cfg.epochs):
+        if state.epoch_progress is None:  # a new pass (a stopped one had grown and restarted already)
+            while model.level < curriculum_level(epoch, cfg.epochs, model.num_blocks):
+                add_glow_block(model, cfg.growth)
+            if epoch == restart_epoch(cfg) > 0:
+                state.optimizer, state.scheduler = make_optimizer(model, cfg)
+            state.epoch_progress = EpochProgress.begin(data, cfg, state.optimizer.param_groups[0]["lr"])
+        train_epoch(model, state.optimizer, data, cfg, state.epoch_progress, stop)
+        finished = state.epoch_progress
+        if finished.step < len(finished.losses):
+            return False
+        state.scheduler.step(finished.losses.sum().item() / len(finished.order))
+        state.epoch, state.epoch_progress = epoch + 1, None
+        epoch_done(finished)
+    return True
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Evaluation: one-shot scores and ranking metrics
+# 6. Evaluation: one-shot scores, the GATE's health, ranking metrics
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def score_arch(model, arch, images, labels, batch_size, amp=False, assignment=None):
+def score_arch(model, arch, images, labels, batch_size, assignment=None):
     """One-shot accuracy (%) and loss of arch on held-out data: dropout off, BN on batch statistics
     (eval() does both here), the GATE's argmax assignment unless one is given; means of per-batch values."""
     model.eval()
+    arch = as_arch(arch)
     assignment = assignment or model.sharing_assignment(arch)
     accuracies, losses = [], []
     for start in range(0, len(labels), batch_size):
         x, y = images[start:start + batch_size], labels[start:start + batch_size]
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(images.device):
             logits = model(x, arch, assignment).float()
         accuracies.append((logits.argmax(1) == y).float().mean() * 100)
         losses.append(F.cross_entropy(logits, y))
-    accuracy, loss = torch.stack(accuracies).mean().item(), torch.stack(losses).mean().item()
-    return accuracy, loss
+    return torch.stack(accuracies).mean().item(), torch.stack(losses).mean().item()
 
 
 def scoring_assignment(model, arch, eval_gate="argmax", seed=0):
     """The blocks an arch is scored with: the GATE's argmax, or (eval_gate='sample', the official
     scorer) one Gumbel draw seeded by the arch itself, so it is the same in any scoring order."""
     model.eval()
-    return model.sharing_assignment(arch, None if eval_gate == "argmax" else seed * len(ALL_ARCHS) + ALL_ARCHS_INDEX[tuple(arch)])
+    return model.sharing_assignment(arch, None if eval_gate == "argmax" else seed * len(ALL_ARCHS) + ALL_ARCHS_INDEX[as_arch(arch)])
 
 
 @functools.cache
 def probe_archs():
-    """A fixed probe set for gate_health: 500 unique archs (seeded, independent of the run's seed)."""
+    """The fixed probe set of gate_health: 500 unique archs (seeded, independent of any run's seed)."""
     return tuple(random.Random(0).sample(unique_archs(), 500))
-
-
-def describe_gate(health, prefix=""):
-    """gate_health in words; '' when there is no GATE at work (vanilla, level 1)."""
-    if health["spread"] is None:
-        return ""
-    verdict = (" BLIND: the routing ignores the architecture" if health["spread"] < 1e-3 else
-               " COLLAPSED: one block takes every edge" if health["off_dominant"] < 0.01 else "")
-    return (f"{prefix}GATE spread {health['spread']:.2g}, {100 * health['off_dominant']:.0f}% off the main block, "
-            f"entropy {health['entropy']:.2f}{verdict}")
 
 
 @torch.no_grad()
 def gate_health(model, archs):
-    """Is the GATE routing by architecture, or has it collapsed? Over the live parameterised edges of
-    `archs` (eval mode, the active blocks):
-    spread: std over edges of the logits, centred per edge (softmax ignores a shift), mean over blocks;
+    """Is the GATE routing by architecture, or blind, or collapsed? Over the routed edges (live,
+    with weights) of `archs`, in eval mode, over the active blocks:
+    spread: std over edges of the logits, centred per edge (softmax ignores a shift), mean over blocks:
         ~1e-4 for a blind GATE, ~1 when the architecture moves the routing;
     off_dominant: share of edges whose argmax is not the block most edges' argmax picks (0: collapsed);
-    entropy: mean entropy of softmax(logits), the block distribution a training step draws from
-        (Gumbel-max), divided by log(level): 1 = uniform random routing, 0 = deterministic."""
+    entropy: mean entropy of softmax(logits), the distribution a training step draws blocks from
+        (Gumbel-max), over log(level): 1 = uniform random routing, 0 = deterministic."""
     if model.gate is None or model.level == 1:
         return {"spread": None, "off_dominant": None, "entropy": None}
     training = model.training
-    logits = model.eval().gate_logits(archs)[torch.tensor([[live and op in (CONV1X1, CONV3X3) for live, op in zip(live_edges(a), a)]
-                                                            for a in archs])]  # [edges, level]
+    routed = torch.tensor([[e in routed_edges(arch) for e in range(len(EDGES))] for arch in archs])
+    logits = model.eval().gate_logits(archs)[routed]  # [edges, level]
     model.train(training)
-    choice = logits.argmax(-1)
-    probabilities = logits.softmax(-1)
-    entropy = -(probabilities * probabilities.clamp_min(1e-12).log()).sum(-1) / math.log(model.level)
+    p = logits.softmax(-1)
     return {"spread": (logits - logits.mean(-1, keepdim=True)).std(0).mean().item(),
-            "off_dominant": 1 - torch.bincount(choice).max().item() / len(choice),
-            "entropy": entropy.mean().item()}
+            "off_dominant": 1 - torch.bincount(logits.argmax(-1)).max().item() / len(logits),
+            "entropy": (-(p * p.clamp_min(1e-12).log()).sum(-1) / math.log(model.level)).mean().item()}
+
+
+def describe_gate(health):
+    """gate_health in words; '' when no GATE is at work (vanilla, level 1)."""
+    if health["spread"] is None:
+        return ""
+    verdict = (" BLIND: the routing ignores the architecture" if health["spread"] < 1e-3 else
+               " COLLAPSED: one block takes every edge" if health["off_dominant"] < 0.01 else "")
+    return (f"GATE spread {health['spread']:.2g}, {100 * health['off_dominant']:.0f}% off the main block, "
+            f"entropy {health['entropy']:.2f}{verdict}")
 
 
 @torch.no_grad()
-def block_preference(model, archs, images, labels, batch_size, amp=False):
+def block_preference(model, archs, images, labels, batch_size):
     """Is there anything for the GATE to learn, and how much of it does it capture?
 
     Every arch is scored with all its edges forced onto block b, for each active block, on two
     disjoint halves of `images`. Removing each arch's mean loss and each block's mean loss leaves the
     arch-specific preference for a block; `agreement` is its correlation between the halves (near 0:
     noise, nothing to learn). An arch's best block is the one with the lowest loss: `best_block_agreement`
-    is how often the halves pick the same one, `gate_hits` the share of live parameterised edges whose
-    GATE argmax is their arch's best block. The gains are held-out loss below an average block's:
-    `gain_best_block` routing each arch to its best block, `gain_single_block` the block best on
-    average (both picked on one half, measured on the other), `gain_gate` the GATE's own routing."""
+    is how often the halves pick the same one, `gate_hits` the share of routed edges whose GATE argmax
+    is their arch's best block. The gains are held-out loss below an average block's: `gain_best_block`
+    routing each arch to its best block, `gain_single_block` the block best on average (both picked on
+    one half, measured on the other), `gain_gate` the GATE's own routing."""
     half = len(labels) // 2
     halves = [(images[:half], labels[:half]), (images[half:2 * half], labels[half:2 * half])]
-    loss = torch.tensor([[[score_arch(model, arch, x, y, batch_size, amp, SharingAssignment([block] * len(EDGES)))[1]
+    loss = torch.tensor([[[score_arch(model, arch, x, y, batch_size, SharingAssignment([block] * len(EDGES)))[1]
                            for block in range(model.level)] for arch in archs] for x, y in halves])   # [half, arch, block]
-    gate_loss = torch.tensor([[score_arch(model, arch, x, y, batch_size, amp)[1] for arch in archs] for x, y in halves])
+    gate_loss = torch.tensor([[score_arch(model, arch, x, y, batch_size)[1] for arch in archs] for x, y in halves])
     preference = loss - loss.mean(2, keepdim=True) - loss.mean(1, keepdim=True) + loss.mean((1, 2), keepdim=True)
     best, best_overall, average = loss.argmin(2), loss.mean(0).argmin(1), loss.mean(2)   # [half, arch], [arch], [half, arch]
-    hits = [block == best_overall[i] for i, arch in enumerate(archs)
-            for block, live, op in zip(model.eval().sharing_assignment(arch).blocks, live_edges(arch), arch) if live and op in (CONV1X1, CONV3X3)]
+    hits = [model.eval().sharing_assignment(arch).blocks[e] == best_overall[i] for i, arch in enumerate(archs) for e in routed_edges(arch)]
     return {"archs": len(archs), "level": model.level, "images_per_half": half,
             "agreement": scipy.stats.pearsonr(preference[0].flatten(), preference[1].flatten()).statistic.item(),
-            "best_block_agreement": (best[0] == best[1]).float().mean().item(),
-            "gate_hits": float(np.mean(hits)),
+            "best_block_agreement": (best[0] == best[1]).float().mean().item(), "gate_hits": float(np.mean(hits)),
             "preference_std": preference.std().item(), "arch_loss_std": average.std(1).mean().item(),
             "gain_best_block": (average[1] - loss[1].gather(1, best[0, :, None])[:, 0]).mean().item(),
             "gain_single_block": (average[1] - loss[1, :, loss[0].mean(0).argmin()]).mean().item(),
             "gain_gate": (average - gate_loss).mean().item()}
 
 
-def true_ranks(values):
-    """Rank 0 = best (highest value); ties share the best rank of their group."""
+def descending_ranks(values):
+    """Rank 0 = the highest value; ties share the best rank of their group."""
     return scipy.stats.rankdata(-np.asarray(values, dtype=float), method="min").astype(int) - 1
 
 
@@ -752,16 +857,17 @@ def ranking_metrics(predicted, truth, ratios=(0.01, 0.05, 0.1, 0.5)):
     P@bottomK likewise from the bottom. BR@K / WR@K: 1 + best / worst true rank in the predicted top-k.
     """
     predicted, truth = np.asarray(predicted, dtype=float), np.asarray(truth, dtype=float)
+    if np.isnan(predicted).any() or np.isnan(truth).any():
+        raise ValueError(f"ranking_metrics: NaN in the {'predicted scores' if np.isnan(predicted).any() else 'truth'}")
     n = len(predicted)
     metrics = {"n": n,
                "kendall_tau": scipy.stats.kendalltau(predicted, truth).statistic,
                "spearman": scipy.stats.spearmanr(predicted, truth).statistic,
                "pearson": scipy.stats.pearsonr(predicted, truth).statistic}
-    rank_from_top, rank_from_bottom = true_ranks(truth), true_ranks(-truth)
+    rank_from_top, rank_from_bottom = descending_ranks(truth), descending_ranks(-truth)
     predicted_order = np.argsort(-predicted, kind="stable")
     for ratio in ratios:
-        k = int(n * ratio)
-        name = f"{ratio * 100:g}%"
+        k, name = int(n * ratio), f"{ratio * 100:g}%"
         if k == 0:
             metrics.update({f"P@top{name}": None, f"P@bottom{name}": None, f"BR@{name}": None, f"WR@{name}": None})
             continue
@@ -773,9 +879,19 @@ def ranking_metrics(predicted, truth, ratios=(0.01, 0.05, 0.1, 0.5)):
     return {key: (float(value) if isinstance(value, np.floating) else value) for key, value in metrics.items()}
 
 
+@dataclass
+class GroundTruth:
+    """NB201 CIFAR-10 test accuracy of every arch (its isomorphism class's mean) and its class's
+    rank among the 6,466 (1 = best)."""
+    accuracy: dict
+    rank: dict
+
+
 def load_ground_truth(path):
-    """NB201 CIFAR-10 test accuracy per unique arch: the mean over its isomorphism group."""
-    import nb201_api_slim
+    try:
+        import nb201_api_slim
+    except ImportError:
+        raise UsageError("--nb201 needs nb201_api_slim.py next to close.py (both come from the same repository)") from None
     try:
         table = nb201_api_slim.load(path)
         by_class = table.group_accuracies(lambda text: canonical(str_to_arch(text)), dataset="cifar10")
@@ -784,7 +900,8 @@ def load_ground_truth(path):
     missing = len(unique_archs()) - len(by_class.keys() & set(unique_archs()))
     if missing:
         raise UsageError(f"--nb201 {path}: no CIFAR-10 accuracy for {missing} of the {len(unique_archs())} isomorphism classes")
-    return by_class
+    class_rank = dict(zip(by_class, (descending_ranks(list(by_class.values())) + 1).tolist()))
+    return GroundTruth({a: by_class[canonical(a)] for a in ALL_ARCHS}, {a: class_rank[canonical(a)] for a in ALL_ARCHS})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -824,21 +941,37 @@ def regularized_evolution(fitness, budget, population_size=50, tournament_size=1
     return best[0], best[1], history
 
 
+def search_with_supernet(model, images, labels, cfg, scores):
+    """Regularized evolution with the one-shot accuracy as fitness (never the ground truth); archs
+    outside `scores` are scored on demand and added to it."""
+    def fitness(arch):
+        if arch not in scores:
+            scores[arch] = score_arch(model, arch, images, labels, cfg.batch_size, scoring_assignment(model, arch, cfg.eval_gate, cfg.eval_seed))
+        return scores[arch][0]
+
+    best, _, history = regularized_evolution(fitness, cfg.search_budget, cfg.population, cfg.tournament, cfg.seed)
+    return {"best": best, "budget": cfg.search_budget, "unique_evaluated": len({a for a, _ in history}),
+            "population": cfg.population, "tournament": cfg.tournament}
+
+
 # ----------------------------------------------------------------------------------------------
-# 8. Runs: checkpoints that resume exactly, outputs a person can read
+# 8. Runs: options checked before work, checkpoints that resume exactly, outputs a person can read
 # ----------------------------------------------------------------------------------------------
 class Interrupted(Exception):
-    """Training stopped on request (Ctrl-C, SIGTERM); --resume continues from the checkpoint."""
+    """A run stopped on request (Ctrl-C, SIGTERM); the message says what was kept."""
+
+
+STOP_SIGNALS = [signal.SIGINT]  # the command line adds SIGTERM; a library caller keeps SIGTERM's default
 
 
 class StopRequest:
-    """Ctrl-C or SIGTERM during training: finish the current step, checkpoint there, stop.
-    A second Ctrl-C aborts at once (the previous checkpoint stays)."""
+    """Ctrl-C (or SIGTERM from the command line) during training: finish the current step, checkpoint
+    there, stop. A second Ctrl-C aborts at once (the previous checkpoint stays)."""
 
     def __enter__(self):
         self.requested, self.previous = False, {}
         try:
-            self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGINT, signal.SIGTERM)}
+            self.previous = {sig: signal.signal(sig, self.request) for sig in STOP_SIGNALS}
         except ValueError:  # not the main thread: no signal handling
             pass
         return self
@@ -871,44 +1004,85 @@ def resolve_device(name):
 
 
 def check_config(cfg):
-    for name in ("epochs", "batch_size", "blocks", "channels", "cells"):
-        if getattr(cfg, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    """Every option, before anything is read or written."""
+    rules = [(("epochs", "batch_size", "blocks", "channels", "cells", "population", "tournament", "lr", "grad_clip"), lambda v: v > 0, "be positive"),
+             (("eval_archs", "eval_batches", "search_budget", "train_subset", "weight_decay", "gate_weight_decay"), lambda v: v >= 0, "be 0 or more"),
+             (("momentum",), lambda v: 0 <= v < 1, "be in [0, 1)")]
+    for names, valid, rule in rules:
+        for name in names:
+            if not valid(getattr(cfg, name)):
+                raise UsageError(f"--{name.replace('_', '-')} must {rule}, got {getattr(cfg, name)}")
+    for option in fields(Config):
+        if option.metadata["choices"] and getattr(cfg, option.name) not in option.metadata["choices"]:
+            raise UsageError(f"--{option.name.replace('_', '-')} {getattr(cfg, option.name)}: choose one of {', '.join(option.metadata['choices'])}")
     if not cfg.baseline and cfg.epochs < cfg.blocks:
-        raise UsageError(f"--epochs {cfg.epochs} is smaller than the {cfg.blocks} curriculum stages (--blocks)")
-    for name in ("eval_archs", "eval_batches", "search_budget"):
-        if getattr(cfg, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(cfg, name)}")
+        raise UsageError(f"--epochs {cfg.epochs} is smaller than the {cfg.blocks} curriculum stages (--blocks {cfg.blocks}): "
+                         f"use --epochs {cfg.blocks} or more, or --blocks {cfg.epochs}")
 
 
-def run_name(cfg):
-    return f"{'vanilla' if cfg.baseline else 'close'}-seed{cfg.seed}"
+def default_out(cfg):
+    data = cfg.data if cfg.data in ("cifar10", "synthetic") else Path(cfg.data).name
+    return Path("runs") / f"{'vanilla' if cfg.baseline else 'close'}-{data}-C{cfg.channels}x{cfg.cells}-{cfg.epochs}ep-seed{cfg.seed}"
 
 
-def prepare_out(cfg, resume):
-    """The output folder; a folder that holds a run is only reused by --resume with the same options."""
-    out = Path(cfg.out or Path("runs") / run_name(cfg))
-    saved_config = out / "config.json"
-    if saved_config.exists():
+OUTPUT_FILES = ("config.json", "log.csv", "checkpoint.pt", "scores.csv", "metrics.json", "search.json", "ranking.png")
+
+
+def settle_options(cfg, given, resume, load):
+    """A resumed or loaded run takes its options from the run, except those typed now (`given`);
+    typed options that would change the trained supernet are an error naming them. Returns the
+    options and, for --load, the checkpoint."""
+    if load:
+        checkpoint = load_checkpoint(load)
+        saved, fixed = checkpoint["config"], MODEL_OPTIONS
+    elif resume:
+        out = Path(cfg.out or default_out(cfg))
+        if not (out / "config.json").exists():
+            raise UsageError(f"--resume: {out} holds no run (no config.json)")
+        checkpoint, saved, fixed = None, json.loads((out / "config.json").read_text()), RUN_OPTIONS + ("eval_batches", "eval_gate")
+    else:
+        return cfg, None
+    conflicts = [f"--{name.replace('_', '-')} ({saved[name]} there, {getattr(cfg, name)} now)"
+                 for name in fixed if name in given and saved[name] != getattr(cfg, name)]
+    if conflicts:
+        raise UsageError(f"{'--load ' + load if load else '--resume'} was run with other options: {', '.join(conflicts)}")
+    settled = Config(**{**{k: v for k, v in saved.items() if k in asdict(cfg)}, **{name: getattr(cfg, name) for name in given}})
+    if load:
+        settled.out = cfg.out or str(Path(load).parent / "rescored")
+        if settled.data != saved["data"]:
+            print(f"note: scoring on --data {settled.data}; the supernet was trained on {saved['data']}")
+    return settled, checkpoint
+
+
+def claim_out(cfg, resume):
+    """The output folder, checked before any slow work; nothing is written yet. It never holds another
+    run (unless resumed) nor files of the user's that the run would overwrite."""
+    out = Path(cfg.out or default_out(cfg))
+    if (out / "config.json").exists():
         if not resume:
             raise UsageError(f"--out {out} already holds a run: add --resume to continue it, or choose another --out")
-        saved = json.loads(saved_config.read_text())
-        conflicts = [f"--{name.replace('_', '-')} ({saved.get(name)} there, {getattr(cfg, name)} now)"
-                     for name in RUN_OPTIONS + ("eval_batches", "eval_gate") if saved.get(name) != getattr(cfg, name)]
-        if conflicts:
-            raise UsageError(f"--resume: {out} was run with other options: {', '.join(conflicts)}")
-    elif resume:
-        raise UsageError(f"--resume: {out} holds no run (no config.json)")
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(saved_config, json.dumps(asdict(cfg), indent=2))
+    elif any((out / name).exists() for name in OUTPUT_FILES):
+        taken = ", ".join(name for name in OUTPUT_FILES if (out / name).exists())
+        raise UsageError(f"--out {out} holds {taken}, which this run would overwrite: choose another --out")
     return out
 
 
-def write_atomic(path, text):
-    """Write a temporary file, then rename: a kill mid-write never leaves a broken file."""
+def write_atomic(path, write):
+    """write(temporary path), then rename: a kill mid-write never leaves a broken file."""
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
+    write(temporary)
     os.replace(temporary, path)
+
+
+def write_text(path, text):
+    write_atomic(path, lambda temporary: temporary.write_text(text))
+
+
+def write_csv(path, header, rows):
+    def write(temporary):
+        with open(temporary, "w", newline="") as file:
+            csv.writer(file).writerows([header, *rows])
+    write_atomic(path, write)
 
 
 def rng_states():
@@ -927,97 +1101,83 @@ def set_rng_states(states):
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), *rest))
 
 
-def save_checkpoint(path, cfg, epoch, model, optimizer, scheduler, log, partial_epoch=None):
-    """epoch: finished epochs; partial_epoch: the progress of a stopped epoch, if any."""
-    state = {"config": asdict(cfg), "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "rng": rng_states(), "log": log, "partial_epoch": partial_epoch}
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)  # the previous checkpoint stays until the new one is complete
+def save_checkpoint(path, cfg, model, state, log):
+    """Everything an exact resume needs: weights and level, optimizer, scheduler, RNGs, log, and the
+    pass under way when a stop interrupted it. The previous checkpoint stays until this one is complete."""
+    checkpoint = {"config": asdict(cfg), "epoch": state.epoch, "model": model.state_dict(), "optimizer": state.optimizer.state_dict(),
+                  "scheduler": state.scheduler.state_dict(), "rng": rng_states(), "log": log,
+                  "epoch_progress": vars(state.epoch_progress) if state.epoch_progress else None}
+    write_atomic(path, lambda temporary: torch.save(checkpoint, temporary))
 
 
-def load_checkpoint(path, device):
+def load_checkpoint(path, device="cpu"):
     try:
         return torch.load(path, map_location=device, weights_only=True)
-    except (OSError, RuntimeError, EOFError) as error:
-        raise UsageError(f"{path}: not a readable close.py checkpoint ({error})") from None
+    except Exception as error:  # torch.load raises many kinds; its advice to drop weights_only is unsafe here
+        raise UsageError(f"{path}: not a close.py checkpoint ({type(error).__name__})") from None
 
 
 LOG_FIELDS = ("epoch", "level", "lr", "loss", "accuracy", "seconds", "images_per_s", "gate_spread", "gate_off_dominant", "gate_entropy")
+LEVEL_COST = 0.2   # a step costs ~20% more per active block beyond the first (--benchmark on the CPU)
+SCORING_COST = 4   # training one image costs ~4x scoring it with one block per edge (forward only)
 
 
-def write_csv(path, header, rows):
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(header)
-        writer.writerows(rows)
-    os.replace(temporary, path)
+def time_left(log, cfg, model, data):
+    """Seconds left for training (later levels are slower) and then scoring and search (estimated
+    from the training speed; its own progress line tells better once it starts)."""
+    cost = lambda epoch: 1 + LEVEL_COST * (curriculum_level(epoch, cfg.epochs, model.num_blocks) - 1 if not model.baseline else 0)
+    per_unit = log[-1]["seconds"] / cost(log[-1]["epoch"] - 1)
+    heldout = min(len(data.heldout_labels), cfg.eval_batches * cfg.batch_size or len(data.heldout_labels))
+    scored = ((cfg.eval_archs or len(unique_archs())) + cfg.search_budget) * heldout
+    return sum(per_unit * cost(epoch) for epoch in range(log[-1]["epoch"], cfg.epochs)), per_unit / len(data.train_labels) / SCORING_COST * scored
 
 
-def train(model, data, cfg, out, amp):
-    """Curriculum training with a checkpoint after every epoch (and where a stop request lands);
-    resumes from out/checkpoint.pt."""
-    optimizer, scheduler = make_optimizer(model, cfg)
-    checkpoint, log, start, partial = out / "checkpoint.pt", [], 0, None
-    if checkpoint.exists():
-        state = load_checkpoint(checkpoint, data.train_images.device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_states(state["rng"])
-        start, log, partial = state["epoch"], state["log"], state["partial_epoch"]
-        print(f"resumed {out} after epoch {start}" + (f", step {partial['step']}" if partial else "") + f" (level {model.level})")
-    archs, started, images_seen = unique_archs(), time.time(), 0
+def fit(model, data, cfg, out):
+    """train() with a checkpoint after every epoch (and where a stop lands), log.csv, and a line per
+    epoch with the GATE's health and the time left. Resumes from out/checkpoint.pt when it exists."""
+    state, log = TrainingState(*make_optimizer(model, cfg)), []
+    if (out / "checkpoint.pt").exists():
+        saved = load_checkpoint(out / "checkpoint.pt", data.train_images.device)
+        model.load_state_dict(saved["model"])
+        state.optimizer.load_state_dict(saved["optimizer"])
+        state.scheduler.load_state_dict(saved["scheduler"])
+        set_rng_states(saved["rng"])
+        state.epoch, log = saved["epoch"], saved["log"]
+        state.epoch_progress = EpochProgress(**saved["epoch_progress"]) if saved["epoch_progress"] else None
+        print(f"resumed {out} after epoch {state.epoch}" + (f", step {state.epoch_progress.step}" if state.epoch_progress else "") +
+              f" (level {model.level})")
+
+    def epoch_done(finished):
+        losses = finished.losses.tolist()
+        bad = next((i for i, value in enumerate(losses) if not math.isfinite(value)), None)
+        if bad is not None:
+            kept = f"{out / 'checkpoint.pt'} keeps epoch {state.epoch - 1}" if log else "no epoch finished, nothing was saved"
+            raise UsageError(f"the training loss became non-finite in epoch {state.epoch}, step {bad + 1} "
+                             f"(arch {arch_to_str(finished.archs[bad])}); {kept}")
+        health = gate_health(model, probe_archs())
+        log.append({"epoch": state.epoch, "level": model.level, "lr": finished.lr, "loss": sum(losses) / len(finished.order),
+                    "accuracy": finished.correct.item() / len(finished.order), "seconds": round(finished.seconds, 3),
+                    "images_per_s": round(len(finished.order) / finished.seconds, 1), **{f"gate_{k}": v for k, v in health.items()}})
+        save_checkpoint(out / "checkpoint.pt", cfg, model, state, log)
+        write_csv(out / "log.csv", LOG_FIELDS, [[row.get(name, "") for name in LOG_FIELDS] for row in log])
+        training, scoring = time_left(log, cfg, model, data)
+        row = log[-1]
+        print(f"epoch {row['epoch']:4d}/{cfg.epochs}  loss {row['loss']:.4f}  acc {100 * row['accuracy']:5.1f}%  lr {row['lr']:.4g}  "
+              f"{'' if model.baseline else f'level {model.level}  '}{row['images_per_s']:,.0f} img/s  "
+              f"left: training {minutes(training)}, scoring and search ~{minutes(scoring)}  {describe_gate(health)}", flush=True)
+
     with StopRequest() as stop:
-        for epoch in range(start, cfg.epochs):
-            if not model.baseline:
-                while model.level < curriculum_level(epoch, cfg.epochs, model.num_blocks):
-                    add_glow_block(model, cfg.growth)
-            if epoch == restart_epoch(cfg) > 0 and partial is None:  # a stopped epoch had restarted already
-                optimizer, scheduler = make_optimizer(model, cfg)
-            lr, epoch_started = optimizer.param_groups[0]["lr"], time.time()
-            stats, partial = train_epoch(model, optimizer, data, cfg, archs, amp, stop, partial)
-            if stats is None:
-                save_checkpoint(checkpoint, cfg, epoch, model, optimizer, scheduler, log, partial_epoch=partial)
-                raise Interrupted(f"stopped in epoch {epoch + 1} after step {partial['step']}; {checkpoint} holds that point: "
-                                  f"rerun with --resume")
-            partial = None
-            if stats["bad_step"] is not None:
-                step, arch = stats["bad_step"]
-                kept = f"{checkpoint} keeps epoch {epoch}" if checkpoint.exists() else "no epoch finished, nothing was saved"
-                raise UsageError(f"the training loss became non-finite in epoch {epoch + 1}, step {step + 1} (arch {arch}); {kept}")
-            scheduler.step(stats["loss"])
-            seconds = time.time() - epoch_started
-            images_seen += len(data.train_labels)
-            health = gate_health(model, probe_archs())
-            log.append({"epoch": epoch + 1, "level": model.level, "lr": lr, "loss": stats["loss"], "accuracy": stats["accuracy"],
-                        "seconds": round(seconds, 3), "images_per_s": round(len(data.train_labels) / seconds, 1),
-                        **{f"gate_{name}": value for name, value in health.items()}})
-            save_checkpoint(checkpoint, cfg, epoch + 1, model, optimizer, scheduler, log)
-            write_csv(out / "log.csv", LOG_FIELDS, [[row.get(name, "") for name in LOG_FIELDS] for row in log])
-            elapsed = time.time() - started
-            eta = elapsed / (epoch + 1 - start) * (cfg.epochs - epoch - 1)
-            level = "" if model.baseline else f"level {model.level}  "
-            print(f"epoch {epoch + 1:4d}/{cfg.epochs}  loss {stats['loss']:.4f}  acc {100 * stats['accuracy']:5.1f}%  lr {lr:.4g}  "
-                  f"{level}{images_seen / elapsed:,.0f} img/s  ETA {eta / 60:.1f} min{describe_gate(health, '  ')}", flush=True)
+        if not train(model, data, cfg, state, stop, epoch_done):
+            save_checkpoint(out / "checkpoint.pt", cfg, model, state, log)
+            raise Interrupted(f"stopped in epoch {state.epoch + 1} after step {state.epoch_progress.step}; {out / 'checkpoint.pt'} "
+                              f"holds that point: rerun with --resume")
     return log
 
 
-def archs_to_score(cfg, chosen_archs=()):
-    if chosen_archs:
-        return tuple(dict.fromkeys(chosen_archs))
-    archs = unique_archs()
-    if cfg.eval_archs and cfg.eval_archs < len(archs):
-        archs = tuple(random.Random(cfg.eval_seed).sample(archs, cfg.eval_archs))
-    return archs
-
-
-def heldout_batches(data, cfg):
-    """The held-out split, normalised once and kept on the device for every architecture."""
-    count = len(data.heldout_labels) if not cfg.eval_batches else min(len(data.heldout_labels), cfg.eval_batches * cfg.batch_size)
-    images = normalize(data.heldout_images[:count]).contiguous(memory_format=memory_format(data.heldout_images.device))
-    return images, data.heldout_labels[:count]
+def heldout_set(data, cfg):
+    """The held-out images (the first --eval-batches batches), normalised once, kept on the device."""
+    count = min(len(data.heldout_labels), cfg.eval_batches * cfg.batch_size or len(data.heldout_labels))
+    return normalize(data.heldout_images[:count]).contiguous(memory_format=MEMORY_FORMAT), data.heldout_labels[:count]
 
 
 SCORE_FIELDS = ("arch", "oneshot_accuracy", "oneshot_loss", "nb201_accuracy")
@@ -1035,270 +1195,256 @@ def read_scores(path):
     return scores
 
 
-def score_archs(model, images, labels, cfg, archs, path, amp):
+def score_archs(model, images, labels, cfg, archs, path):
     """One-shot scores of `archs`, appended to `path` as they come; rows already there are reused."""
     scores = read_scores(path)
     write_csv(path, SCORE_FIELDS[:3], [[arch_to_str(a), *scores[a]] for a in scores])  # drop any torn last row
     todo = [arch for arch in archs if arch not in scores]
-    started = time.time()
     with open(path, "a", newline="") as file:
         writer = csv.writer(file)
-        for i, arch in enumerate(todo):
-            scores[arch] = score_arch(model, arch, images, labels, cfg.batch_size, amp, scoring_assignment(model, arch, cfg.eval_gate, cfg.eval_seed))
+        for arch in with_progress(todo, f"scoring {len(todo):,} archs on {len(labels):,} images"):
+            scores[arch] = score_arch(model, arch, images, labels, cfg.batch_size, scoring_assignment(model, arch, cfg.eval_gate, cfg.eval_seed))
             writer.writerow([arch_to_str(arch), *scores[arch]])
-            if (i + 1) % 100 == 0 or i + 1 == len(todo):
-                file.flush()
-                rate = (i + 1) / (time.time() - started)
-                print(f"scored {len(archs) - len(todo) + i + 1}/{len(archs)} archs  {1000 / rate:.0f} ms/arch  "
-                      f"ETA {(len(todo) - i - 1) / rate / 60:.1f} min", flush=True)
-    return {arch: scores[arch] for arch in archs}
+            file.flush()
+    return scores
 
 
-def describe(arch, scores, truth, truth_ranks):
+def result_row(arch, scores, truth):
     accuracy, loss = scores[arch]
     row = {"arch": arch_to_str(arch), "oneshot_accuracy": accuracy, "oneshot_loss": loss}
-    if truth is not None:
-        row.update(nb201_accuracy=truth[arch], nb201_rank=truth_ranks[arch])
-    return row
+    return row if truth is None else {**row, "nb201_accuracy": truth.accuracy[arch], "nb201_rank": truth.rank[arch]}
 
 
-def search_with_supernet(model, images, labels, cfg, scores, amp):
-    """Regularized evolution with the one-shot accuracy as fitness (never the ground truth)."""
-    scores = dict(scores)
-
-    def fitness(arch):  # archs outside the scored set are scored on demand
-        if arch not in scores:
-            scores[arch] = score_arch(model, arch, images, labels, cfg.batch_size, amp, scoring_assignment(model, arch, cfg.eval_gate, cfg.eval_seed))
-        return scores[arch][0]
-
-    best, _, history = regularized_evolution(fitness, cfg.search_budget, cfg.population, cfg.tournament, cfg.seed)
-    return {"best": best, "scores": scores, "budget": cfg.search_budget, "unique_evaluated": len({a for a, _ in history}),
-            "population": cfg.population, "tournament": cfg.tournament}
-
-
-def run(cfg, resume=False, load="", arch_strings=()):
-    """train -> score -> search, everything written into the output folder."""
-    check_config(cfg)
-    try:
-        chosen_archs = [str_to_arch(text) for text in arch_strings]
-    except ValueError as error:
-        raise UsageError(f"--arch: {error}") from None
-    device = resolve_device(cfg.device)
-    if load:  # score and search a trained supernet: its architecture comes from the checkpoint
-        saved = load_checkpoint(load, device)
-        cfg = Config(**{**asdict(cfg), **{name: saved["config"].get(name, "none") for name in ("blocks", "baseline", "channels", "cells", "gate_norm")},
-                        "out": cfg.out or str(Path(load).parent / "rescored")})
-    # every input is checked before the output folder is touched
-    truth = load_ground_truth(cfg.nb201) if cfg.nb201 else None
-    times, started = {}, time.time()
-    data = load_dataset(cfg).to(device)
-    times["data_s"] = time.time() - started
-    out = prepare_out(cfg, resume)
-    amp = device.type == "cuda"  # bf16 autocast where it pays; CPU keeps float32
-    torch.backends.cudnn.benchmark = True  # few distinct conv shapes: tune each once
+def build_model(cfg, num_classes, device):
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    model = CLOSENet(cfg.channels, cfg.cells, cfg.blocks, data.num_classes, cfg.baseline, cfg.gate_norm == "layernorm")
-    model = model.to(device, memory_format=memory_format(device))
-    print(f"{run_name(cfg)}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(data.train_labels):,} train / "
-          f"{len(data.heldout_labels):,} held-out images, device {device}, output {out}", flush=True)
+    model = CLOSENet(cfg.channels, cfg.cells, cfg.blocks, num_classes, cfg.baseline, cfg.gate_norm == "layernorm")
+    return model.to(device, memory_format=MEMORY_FORMAT)
 
-    started = time.time()
-    if load:
-        model.load_state_dict(saved["model"])
-        log = saved["log"]
+
+def run(cfg, resume=False, load="", arch_strings=(), given=()):
+    """setup -> train -> score -> rank -> search -> report, everything written into the output folder."""
+    cfg, checkpoint = settle_options(cfg, set(given), resume, load)
+    check_config(cfg)
+    try:
+        chosen_archs = tuple(dict.fromkeys(str_to_arch(text) for text in arch_strings))
+    except ValueError as error:
+        raise UsageError(f"--arch: {error}") from None
+    device = resolve_device(cfg.device)
+    out = claim_out(cfg, resume)
+    truth = load_ground_truth(cfg.nb201) if cfg.nb201 else None  # read now, used only after scoring
+    if not plotting_available():
+        print(f"matplotlib is not installed: ranking.png will be skipped (pip install matplotlib; then python close.py --plot {out})")
+    try:
+        return run_stages(cfg, device, out, checkpoint, chosen_archs, truth)
+    except KeyboardInterrupt:
+        kept = f"{out} keeps what was saved: rerun with --resume" if (out / "config.json").exists() else "nothing was saved"
+        raise Interrupted(f"interrupted; {kept}") from None
+
+
+def run_stages(cfg, device, out, checkpoint, chosen_archs, truth):
+    times, started = {}, time.time()
+    data = load_dataset(cfg).to(device)
+    times["data_s"] = time.time() - started
+    model = build_model(cfg, data.num_classes, device)
+    print(f"{out.name}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(data.train_labels):,} train / "
+          f"{len(data.heldout_labels):,} held-out images, device {device}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))  # the run starts: the folder is now its own
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+        log = checkpoint["log"]
     else:
-        log = train(model, data, cfg, out, amp)
-    times["train_s"] = time.time() - started
+        log = fit(model, data, cfg, out)
+    times["train_s"] = sum(row["seconds"] for row in log)
 
     started = time.time()
-    images, labels = heldout_batches(data, cfg)
-    archs = archs_to_score(cfg, chosen_archs)
-    scores = score_archs(model, images, labels, cfg, archs, out / "scores.csv", amp)
+    images, labels = heldout_set(data, cfg)
+    archs = chosen_archs or unique_archs()
+    if not chosen_archs and cfg.eval_archs and cfg.eval_archs < len(archs):
+        archs = tuple(random.Random(cfg.eval_seed).sample(archs, cfg.eval_archs))
+    scores = score_archs(model, images, labels, cfg, archs, out / "scores.csv")
     times["score_s"] = time.time() - started
+    write_csv(out / "scores.csv", SCORE_FIELDS, [[arch_to_str(a), *scores[a], truth.accuracy[a] if truth else ""] for a in archs])
+    metrics = ranking_metrics([scores[a][0] for a in archs], [truth.accuracy[a] for a in archs]) if truth and len(archs) > 1 else None
 
-    # the ground truth is read only after scoring and never by the search
-    metrics = truth_ranks = None
-    if truth is not None:  # class means and ranks (1 = best of the 6,466), looked up for any arch
-        class_ranks = dict(zip(truth, (true_ranks(list(truth.values())) + 1).tolist()))
-        truth = {arch: truth[canonical(arch)] for arch in ALL_ARCHS}
-        truth_ranks = {arch: class_ranks[canonical(arch)] for arch in ALL_ARCHS}
-        if len(archs) > 1:
-            metrics = ranking_metrics([scores[a][0] for a in archs], [truth[a] for a in archs])
-    write_csv(out / "scores.csv", SCORE_FIELDS, [[arch_to_str(a), *scores[a], truth[a] if truth else ""] for a in archs])
-
-    started = time.time()
-    search = None
+    started, search = time.time(), None
     if cfg.search_budget:
-        search = search_with_supernet(model, images, labels, cfg, scores, amp)
-        search["best"] = describe(search["best"], search.pop("scores"), truth, truth_ranks)
-        write_atomic(out / "search.json", json.dumps(search, indent=2))
+        searched = dict(scores)
+        search = search_with_supernet(model, images, labels, cfg, searched)
+        search["best"] = result_row(search["best"], searched, truth)
     times["search_s"] = time.time() - started
+    return report(out, cfg, model, archs, scores, truth, metrics, search, times, log, len(labels), device)
 
-    top5 = [describe(arch, scores, truth, truth_ranks) for arch in sorted(archs, key=lambda a: -scores[a][0])[:5]]
-    # which blocks the scored archs' live parameterised edges used: a collapsed GATE sends them all to one block
-    block_usage = np.bincount([b for arch in archs for b, live, op in zip(scoring_assignment(model, arch, cfg.eval_gate, cfg.eval_seed).blocks,
-                                                                          live_edges(arch), arch) if live and op in (CONV1X1, CONV3X3)],
-                              minlength=model.num_blocks)
-    results = {"run": run_name(cfg), "ranking": metrics, "top5": top5, "search": search,
-               "times": {key: round(value, 1) for key, value in times.items()}, "scored_archs": len(archs),
-               "mean_oneshot_accuracy": float(np.mean([scores[a][0] for a in archs])),
-               "scoring_edges_per_block": block_usage.tolist(), "gate": gate_health(model, probe_archs()),
-               "heldout_images": len(labels), "device": str(device)}
-    write_atomic(out / "metrics.json", json.dumps(results, indent=2))
+
+def report(out, cfg, model, archs, scores, truth, metrics, search, times, log, heldout_images, device):
+    """metrics.json, search.json, the summary and ranking.png."""
+    # which blocks the scored archs' routed edges used: a collapsed GATE sends them all to one block
+    usage = np.bincount([scoring_assignment(model, arch, cfg.eval_gate, cfg.eval_seed).blocks[e] for arch in archs for e in routed_edges(arch)],
+                        minlength=model.num_blocks)
+    results = {"run": out.name, "ranking": metrics, "top5": [result_row(a, scores, truth) for a in sorted(archs, key=lambda a: -scores[a][0])[:5]],
+               "search": search, "times": {key: round(value, 1) for key, value in times.items()}, "scored_archs": len(archs),
+               "mean_oneshot_accuracy": float(np.mean([scores[a][0] for a in archs])), "scoring_edges_per_block": usage.tolist(),
+               "gate": gate_health(model, probe_archs()), "heldout_images": heldout_images, "device": str(device)}
+    if search:
+        write_text(out / "search.json", json.dumps(search, indent=2))
+    write_text(out / "metrics.json", json.dumps(results, indent=2))
     print_summary(out, results, log)
-    plot_run(out, scores, truth, archs, log, metrics)
+    plot_run(out)
     return results
 
 
 def print_summary(out, results, log):
     print(f"\n== {results['run']} ({out}) ==")
-    times = results["times"]
-    print("wall time: " + ", ".join(f"{key[:-2]} {value / 60:.1f} min" for key, value in times.items()))
+    print("wall time: " + ", ".join(f"{key[:-2]} {minutes(value)}" for key, value in results["times"].items()))
     if log:
         print(f"last epoch: loss {log[-1]['loss']:.4f}, train accuracy {100 * log[-1]['accuracy']:.1f}%, level {log[-1]['level']}")
     print(f"mean one-shot accuracy {results['mean_oneshot_accuracy']:.1f}% over {results['scored_archs']} archs")
-    if results.get("gate") and results["gate"]["spread"] is not None:
-        print(f"{describe_gate(results['gate'])}\nparameterised edges of the scored archs per block: {results['scoring_edges_per_block']}")
-    comparison = [results]
-    sibling = out.parent / results["run"].replace(*(("close", "vanilla") if results["run"].startswith("close") else ("vanilla", "close")))
-    if (sibling / "metrics.json").exists():
-        comparison.append(json.loads((sibling / "metrics.json").read_text()))
+    if results["gate"]["spread"] is not None:
+        usage = results["scoring_edges_per_block"]
+        print(f"{describe_gate(results['gate'])}\nat scoring, the scored archs' routed edges per block: {usage}" +
+              (f" (all on block {np.argmax(usage)}: a fully shared supernet)" if max(usage) == sum(usage) else ""))
+    sibling = out.parent / out.name.replace(*(("close", "vanilla") if "close" in out.name else ("vanilla", "close")))
+    runs = [results] + ([{**json.loads((sibling / "metrics.json").read_text()), "run": sibling.name}]
+                        if sibling != out and (sibling / "metrics.json").exists() else [])
     if results["ranking"]:
-        print_metrics_table(comparison)
+        print_metrics_table(runs)
     else:
         print("ranking metrics: none (pass --nb201 FILE to compare against NAS-Bench-201)")
     print("top-5 by one-shot accuracy:")
     for row in results["top5"]:
-        truth = f"  NB201 {row['nb201_accuracy']:.2f}% (rank {row['nb201_rank']})" if "nb201_accuracy" in row else ""
-        print(f"  {row['oneshot_accuracy']:5.1f}%  {row['arch']}{truth}")
+        print(f"  {row['oneshot_accuracy']:5.1f}%  {row['arch']}{nb201_words(row)}")
     if results["search"]:
         best = results["search"]["best"]
-        truth = f", NB201 {best['nb201_accuracy']:.2f}% (rank {best['nb201_rank']} of 6,466)" if "nb201_accuracy" in best else ""
-        print(f"search ({results['search']['budget']} evaluations): {best['arch']}  one-shot {best['oneshot_accuracy']:.1f}%{truth}")
+        print(f"search ({results['search']['budget']} evaluations): {best['arch']}  one-shot {best['oneshot_accuracy']:.1f}%{nb201_words(best)}")
+
+
+def nb201_words(row):
+    return f"  NB201 {row['nb201_accuracy']:.2f}% (rank {row['nb201_rank']:,} of 6,466)" if "nb201_accuracy" in row else ""
 
 
 SUMMARY_METRICS = ("kendall_tau", "spearman", "pearson", "P@top1%", "P@top5%", "P@top10%", "P@bottom5%", "BR@5%", "WR@5%")
 
 
-def print_metrics_table(results):
-    print(f"{'':14s}" + "".join(f"{r['run']:>16s}" for r in results))
-    for name in SUMMARY_METRICS:
-        cells = [r["ranking"].get(name) if r.get("ranking") else None for r in results]
-        print(f"{name:14s}" + "".join(f"{'-' if v is None else (f'{v:.3f}' if isinstance(v, float) else str(v)):>16s}" for v in cells))
-    searched = [r["search"]["best"].get("nb201_accuracy") if r.get("search") else None for r in results]
-    print(f"{'search NB201':14s}" + "".join(f"{'-' if v is None else f'{v:.2f}%':>16s}" for v in searched))
+def print_metrics_table(runs):
+    def rank(r):
+        return r["search"]["best"].get("nb201_rank") if r.get("search") else None
+    rows = [(name, [r["ranking"].get(name) if r.get("ranking") else None for r in runs]) for name in SUMMARY_METRICS] + [
+        ("mean one-shot", [f"{r['mean_oneshot_accuracy']:.1f}%" for r in runs]),
+        ("search NB201", [f"{r['search']['best']['nb201_accuracy']:.2f}%" if rank(r) else None for r in runs]),
+        ("search rank", [f"{rank(r):,}/6,466" if rank(r) else None for r in runs]),
+        ("train, score", [f"{minutes(r['times']['train_s'])}, {minutes(r['times']['score_s'])}" for r in runs])]
+    width = max(16, *(len(r["run"]) + 2 for r in runs))
+    print(f"{'':14s}" + "".join(f"{r['run']:>{width}s}" for r in runs))
+    for name, cells in rows:
+        print(f"{name:14s}" + "".join(f"{'-' if v is None else (f'{v:.3f}' if isinstance(v, float) else str(v)):>{width}s}" for v in cells))
+    n = runs[0]["ranking"]["n"] if runs[0].get("ranking") else 0
+    print(f"(P@top/bottom K: share of the predicted top/bottom K% of the {n:,} scored archs that truly are; BR/WR@5%: the best/worst "
+          f"true rank, among those {n:,}, of the predicted top 5%; '-': K% of them is under one arch, or no search)")
 
 
 def compare(run_folders):
-    """--compare A B: two (or more) runs' metrics side by side."""
-    results = []
+    """--compare A B ...: finished runs side by side."""
+    runs = []
     for folder in run_folders:
         path = Path(folder) / "metrics.json"
         if not path.exists():
             raise UsageError(f"--compare: {path} does not exist (is {folder} a finished run?)")
-        results.append({**json.loads(path.read_text()), "run": Path(folder).name})
-    print_metrics_table(results)
+        runs.append({**json.loads(path.read_text()), "run": Path(folder).name})
+    print_metrics_table(runs)
 
 
-def plot_run(out, scores, truth, archs, log, metrics):
-    """ranking.png when matplotlib is installed (optional): one-shot vs NB201 accuracy, and the training curves."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: ranking.png skipped")
-        return
+def plotting_available():
+    import importlib.util
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def plot_run(out):
+    """ranking.png from a run folder's files: one-shot vs NB201 accuracy, and the training curves.
+    matplotlib is optional: without it, nothing is drawn (the run said so when it started)."""
+    if not (out / "metrics.json").exists():
+        raise UsageError(f"--plot {out}: not a finished run (no metrics.json)")
+    if not plotting_available():
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    log = list(csv.DictReader(open(out / "log.csv"))) if (out / "log.csv").exists() else []
+    metrics = json.loads((out / "metrics.json").read_text())
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    if metrics is not None:
-        left.scatter([truth[a] for a in archs], [scores[a][0] for a in archs], s=4, alpha=0.5)
+    figure.suptitle(f"{out.name}: {'vanilla supernet' if 'vanilla' in out.name else 'CLOSE'}, {len(rows)} archs scored")
+    oneshot, size = [float(r["oneshot_accuracy"]) for r in rows], min(30, max(4, 3000 / len(rows)))
+    if metrics["ranking"]:
+        left.scatter([float(r["nb201_accuracy"]) for r in rows], oneshot, s=size, alpha=0.5)
         left.set_xlabel("NB201 CIFAR-10 test accuracy (%)")
-        left.set_title(f"Kendall tau {metrics['kendall_tau']:.3f} over {len(archs)} archs")
+        left.set_title(f"Kendall tau {metrics['ranking']['kendall_tau']:.3f}")
     else:
-        left.hist([scores[a][0] for a in archs], bins=50)
+        left.hist(oneshot, bins=min(50, len(rows)))
         left.set_xlabel("one-shot accuracy (%)")
     left.set_ylabel("one-shot accuracy (%)")
     if log:
-        epochs = [row["epoch"] for row in log]
-        right.plot(epochs, [row["loss"] for row in log], label="train loss")
-        right.set_xlabel("epoch")
-        right.set_ylabel("train loss")
-        level = right.twinx()
-        level.yaxis.get_major_locator().set_params(integer=True)
-        level.step(epochs, [row["level"] for row in log], where="post", color="gray", linestyle="--")
+        epochs = [int(row["epoch"]) for row in log]
+        right.plot(epochs, [float(row["loss"]) for row in log], "o-", label="train loss")
+        right.set(xlabel="epoch", ylabel="train loss", title="training")
+        level = right.twinx()  # level during each epoch: a step from epoch-1 to epoch, the last one included
+        level.stairs([int(row["level"]) for row in log], [0] + epochs, color="gray", linestyle="--")
+        level.set_ylim(0, max(int(row["level"]) for row in log) + 0.5)
         level.set_ylabel("curriculum level (active blocks, dashed)")
-        right.set_title("training")
     figure.tight_layout()
     figure.savefig(out / "ranking.png", dpi=120)
     plt.close(figure)
+    return True
 
 
 def benchmark(cfg, steps):
-    """ms per training step, vanilla vs CLOSENet at every level, on the same archs and batch; ms per
-    architecture scored; images/s. Printed and written to <out>/benchmark.json."""
+    """ms per training step, vanilla (channels_last and NCHW) vs CLOSENet at every level, on the same
+    archs and batch; ms per architecture scored; images/s. Printed and written to <out>/benchmark.json."""
     device = resolve_device(cfg.device)
-    amp = device.type == "cuda"
     torch.manual_seed(cfg.seed)
-    archs = random.Random(0).sample([a for a in unique_archs() if CONV3X3 in a or CONV1X1 in a], 8)
+    archs = random.Random(0).sample([a for a in unique_archs() if routed_edges(a)], 8)
     data = synthetic_dataset(train=cfg.batch_size, heldout=cfg.batch_size * max(1, cfg.eval_batches or 4), seed=cfg.seed).to(device)
-    images = normalize(data.train_images).contiguous(memory_format=memory_format(device))
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def ms_per_step(model, layout=memory_format(device)):
-        optimizer, _ = make_optimizer(model.to(memory_format=layout), cfg)
-        x = images.contiguous(memory_format=layout)
-        for i in range(2):  # warm-up (allocator, cuDNN autotuning)
-            train_step(model.train(), optimizer, x, data.train_labels, archs[i], cfg.grad_clip, amp)
+    def ms_per(call, repeats):
+        call(0)  # warm-up (allocator, cuDNN autotuning)
         sync()
         started = time.perf_counter()
-        for i in range(steps):
-            train_step(model.train(), optimizer, x, data.train_labels, archs[i % len(archs)], cfg.grad_clip, amp)
+        for i in range(repeats):
+            call(i)
         sync()
-        return 1000 * (time.perf_counter() - started) / steps
+        return 1000 * (time.perf_counter() - started) / repeats
+
+    def ms_per_step(model, layout=MEMORY_FORMAT):
+        optimizer, _ = make_optimizer(model.to(memory_format=layout), cfg)
+        x = normalize(data.train_images).contiguous(memory_format=layout)
+        return ms_per(lambda i: train_step(model.train(), optimizer, x, data.train_labels, archs[i % len(archs)], cfg.grad_clip), steps)
 
     def build(baseline):
-        return CLOSENet(cfg.channels, cfg.cells, cfg.blocks, 10, baseline).to(device, memory_format=memory_format(device))
+        return CLOSENet(cfg.channels, cfg.cells, cfg.blocks, 10, baseline).to(device, memory_format=MEMORY_FORMAT)
 
-    results = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "batch_size": cfg.batch_size, "channels": cfg.channels, "cells": cfg.cells, "steps": steps,
-               "archs": [arch_to_str(a) for a in archs]}
-    results["vanilla_ms_per_step"] = ms_per_step(build(baseline=True))
+    results = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": cfg.batch_size,
+               "channels": cfg.channels, "cells": cfg.cells, "steps": steps, "archs": [arch_to_str(a) for a in archs]}
     print(f"{device}, batch {cfg.batch_size}, C={cfg.channels}, {cfg.cells} cells/stage, {steps} steps on {len(archs)} archs")
-    print(f"vanilla supernet     {results['vanilla_ms_per_step']:8.1f} ms/step   1.00x")
-    # the same per-edge supernet in the plain NCHW layout, as a straightforward implementation runs it
-    results["vanilla_nchw_ms_per_step"] = ms_per_step(build(baseline=True), torch.contiguous_format)
-    print(f"vanilla, NCHW layout {results['vanilla_nchw_ms_per_step']:8.1f} ms/step   "
-          f"{results['vanilla_nchw_ms_per_step'] / results['vanilla_ms_per_step']:.2f}x")
     model = build(baseline=False)
-    for level in range(1, cfg.blocks + 1):
-        while model.level < level:
+    timings = [("vanilla supernet", "vanilla", build(True), MEMORY_FORMAT), ("vanilla, NCHW layout", "vanilla_nchw", build(True), torch.contiguous_format)]
+    for name, key, net, layout in timings + [(f"CLOSENet level {level}", f"close_level{level}", model, MEMORY_FORMAT) for level in range(1, cfg.blocks + 1)]:
+        while net is model and model.level < int(key[len("close_level"):]):
             add_glow_block(model)
-        ms = ms_per_step(model)
-        results[f"close_level{level}_ms_per_step"] = ms
-        results[f"close_level{level}_ratio"] = ms / results["vanilla_ms_per_step"]
-        print(f"CLOSENet level {level}     {ms:8.1f} ms/step   {ms / results['vanilla_ms_per_step']:.2f}x")
-    heldout = normalize(data.heldout_images).contiguous(memory_format=memory_format(device))
-    score_arch(model, archs[0], heldout, data.heldout_labels, cfg.batch_size, amp)  # warm-up
-    sync()
-    started = time.perf_counter()
-    for arch in archs:
-        score_arch(model, arch, heldout, data.heldout_labels, cfg.batch_size, amp)
-    sync()
-    seconds = (time.perf_counter() - started) / len(archs)
-    results["score_ms_per_arch"] = 1000 * seconds
-    results["score_images_per_s"] = len(data.heldout_labels) / seconds
-    results["train_images_per_s_vanilla"] = cfg.batch_size / results["vanilla_ms_per_step"] * 1000
-    results[f"train_images_per_s_close_level{cfg.blocks}"] = cfg.batch_size / results[f"close_level{cfg.blocks}_ms_per_step"] * 1000
+        results[f"{key}_ms_per_step"] = ms = ms_per_step(net, layout)
+        results[f"{key}_ratio"] = ms / results["vanilla_ms_per_step"]
+        print(f"{name:22s}{ms:8.1f} ms/step   {results[f'{key}_ratio']:.2f}x")
+    heldout = normalize(data.heldout_images).contiguous(memory_format=MEMORY_FORMAT)
+    results["score_ms_per_arch"] = ms_per(lambda i: score_arch(model, archs[i], heldout, data.heldout_labels, cfg.batch_size), len(archs))
+    results["score_images_per_s"] = 1000 * len(data.heldout_labels) / results["score_ms_per_arch"]
+    for key in ("vanilla", f"close_level{cfg.blocks}"):
+        results[f"train_images_per_s_{key}"] = 1000 * cfg.batch_size / results[f"{key}_ms_per_step"]
     print(f"scoring: {results['score_ms_per_arch']:.1f} ms per arch on {len(data.heldout_labels)} images "
           f"({results['score_images_per_s']:,.0f} img/s); training {results['train_images_per_s_vanilla']:,.0f} img/s vanilla")
     out = Path(cfg.out or "runs")
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "benchmark.json", json.dumps(results, indent=2))
+    write_text(out / "benchmark.json", json.dumps(results, indent=2))
     print(f"written to {out / 'benchmark.json'}")
     return results
 
@@ -1306,46 +1452,56 @@ def benchmark(cfg, steps):
 # ----------------------------------------------------------------------------------------------
 # 9. Command line
 # ----------------------------------------------------------------------------------------------
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, like every other bad input
+        raise UsageError(message)
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
+    """Config and the other arguments; options left out stay out of the namespace, so a resumed or
+    loaded run can tell what was typed now from what it should take from the run."""
+    parser = ArgumentParser(
         description="CLOSE on NAS-Bench-201: train a CLOSENet supernet, score architectures, search.",
         epilog="Outputs in --out: config.json, log.csv, checkpoint.pt, scores.csv, metrics.json, search.json, ranking.png. "
                "NB201 files other than the compact CSV are pickles: loading one runs code from it, so use only files you trust.")
     for option in fields(Config):
         flag = "--" + option.name.replace("_", "-")
         if isinstance(option.default, bool):
-            parser.add_argument(flag, action="store_true", help=option.metadata["help"])
+            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=option.metadata["help"])
         else:
             shown = f" (default: {option.default})" if option.default != "" else ""
-            parser.add_argument(flag, type=type(option.default), default=option.default, help=option.metadata["help"] + shown)
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out (same options) where it stopped")
+            parser.add_argument(flag, type=type(option.default), default=argparse.SUPPRESS, help=option.metadata["help"] + shown)
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped, with its options")
     parser.add_argument("--load", default="", metavar="CKPT", help="skip training: score and search the supernet in this checkpoint")
     parser.add_argument("--arch", action="append", default=[], metavar="ARCH",
                         help="score these architectures (NB201 strings; repeatable) instead of the unique ones")
     parser.add_argument("--compare", nargs="+", metavar="RUN", help="print the metrics of finished runs side by side")
+    parser.add_argument("--plot", metavar="RUN", help="draw RUN/ranking.png from a finished run folder (needs matplotlib)")
     parser.add_argument("--benchmark", action="store_true", help="time training steps (vanilla vs every level) and scoring")
     parser.add_argument("--benchmark-steps", type=int, default=16, help="timed steps per configuration, cycling over 8 archs (default: 16)")
     args = parser.parse_args(argv)
-    return Config(**{option.name: getattr(args, option.name) for option in fields(Config)}), args
+    given = [option.name for option in fields(Config) if hasattr(args, option.name)]
+    return Config(**{name: getattr(args, name) for name in given}), args, given
 
 
 def main(argv=None):
-    cfg, args = parse_args(argv)
     try:
+        cfg, args, given = parse_args(argv)
         if args.compare:
             compare(args.compare)
+        elif args.plot:
+            if not plot_run(Path(args.plot)):
+                raise UsageError("--plot needs matplotlib: pip install matplotlib")
         elif args.benchmark:
+            check_config(cfg)
             benchmark(cfg, args.benchmark_steps)
         else:
-            run(cfg, args.resume, args.load, args.arch)
+            run(cfg, args.resume, args.load, args.arch, given)
     except UsageError as error:
         print(f"close.py: error: {error}", file=sys.stderr)
         return 2
-    except Interrupted as error:
-        print(f"close.py: {error}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print("close.py: interrupted; the last checkpoint and scores so far are kept, rerun with --resume", file=sys.stderr)
+    except (Interrupted, KeyboardInterrupt) as error:
+        print(f"close.py: {error or 'interrupted'}", file=sys.stderr)
         return 130
     return 0
 
@@ -1355,5 +1511,6 @@ def _raise_keyboard_interrupt(signum, frame):
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # a killed job stops like Ctrl-C
+    STOP_SIGNALS.append(signal.SIGTERM)  # a killed job stops like Ctrl-C: after the current step, with a checkpoint
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     sys.exit(main())

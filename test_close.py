@@ -86,15 +86,16 @@ def test_live_edges():
 def test_training_draws_from_the_unique_archs(monkeypatch):
     drawn = []
 
-    def record(model, optimizer, images, labels, arch, grad_clip, amp):
+    def record(model, optimizer, images, labels, arch, grad_clip):
         drawn.append(arch)
         return torch.zeros(()), torch.zeros(len(labels), 10)
 
     monkeypatch.setattr(close, "train_step", record)
     torch.manual_seed(0)
     data = close.synthetic_dataset(train=3000, heldout=1)
-    stats, _ = close.train_epoch(close.CLOSENet(channels=4, cells=1), None, data, close.Config(batch_size=1), close.unique_archs(), False)
-    assert len(drawn) == 3000 and stats["bad_step"] is None
+    progress = close.EpochProgress.begin(data, close.Config(batch_size=1), lr=0.05)
+    close.train_epoch(close.CLOSENet(channels=4, cells=1), None, data, close.Config(batch_size=1), progress)
+    assert len(drawn) == 3000 and progress.step == 3000 and progress.archs == drawn
     assert set(drawn) <= set(close.unique_archs())  # representatives only: isomorphs are never drawn twice over
     # uniform over 6,466 classes: 3,000 draws hit about 6466 * (1 - exp(-3000 / 6466)) = 2,400 distinct classes
     assert 2300 < len(set(drawn)) < 2530
@@ -150,7 +151,7 @@ def trained_between_growths(rule, levels=(2, 3, 4)):
     archs = close.unique_archs()[::700]
     for level in levels:
         for arch in archs[:3]:
-            close.train_step(model, optimizer, images, labels, arch, 5.0, False)
+            close.train_step(model, optimizer, images, labels, arch, 5.0)
         model.eval()
         before = {b: [model(images, arch, close.SharingAssignment([b] * 6)) for arch in archs] for b in range(level - 1)}
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -211,14 +212,6 @@ def test_growth_rule_decides_whether_twins_silence_the_gate(rule):
         assert hidden.norm() > 1e-5
 
 
-def naive_glow_op(x, op, edge, glow_blocks, assignment):
-    """The official formulation: every active block with autograd, weighted by the gate."""
-    if assignment.gate is None:
-        return close.relu_conv_bn(x, glow_blocks[assignment.blocks[edge]].weight(op))
-    gate = assignment.gate[edge]
-    return sum(gate[i] * close.relu_conv_bn(x, glow_blocks[i].weight(op)) for i in range(len(gate)))
-
-
 def gated_assignment(model, arch):
     """The GATE's straight-through assignment, also at level 1 (where the model skips the gate)."""
     logits = model.gate(model.all_archs[close.ALL_ARCHS_INDEX[arch]])[:, :model.level]
@@ -247,7 +240,7 @@ def test_fast_blocks_equal_the_all_blocks_oracle(level, monkeypatch):
     torch.manual_seed(100)
     assignment = gated_assignment(model, arch)
     fast_loss, fast = loss_and_grads(model, images, labels, arch, assignment)
-    monkeypatch.setattr(close, "glow_op", naive_glow_op)
+    monkeypatch.setattr(close, "glow_op", close.glow_op_reference)
     oracle_loss, oracle = loss_and_grads(model, images, labels, arch, assignment)
     assert torch.allclose(fast_loss, oracle_loss, rtol=1e-5, atol=1e-6)
     for name in oracle:
@@ -295,12 +288,12 @@ def test_gate_weight_decay_is_its_own_and_applies_at_level_one(gate_weight_decay
     assert [g["weight_decay"] for g in optimizer.param_groups] == [cfg.weight_decay, gate_weight_decay]
     before = [p.clone() for p in model.gate.parameters()]
     images, labels = small_batch()
-    close.train_step(model, optimizer, images, labels, (3,) * 6, 5.0, False)
+    close.train_step(model, optimizer, images, labels, (3,) * 6, 5.0)
     # level 1: the GATE is out of the graph (zero gradient), so only its own weight decay moves it
     for a, b in zip(before, model.gate.parameters()):
         assert torch.equal(a, b) if gate_weight_decay == 0 else torch.allclose(b, a * (1 - cfg.lr * gate_weight_decay), rtol=1e-6, atol=0)
     close.add_glow_block(model)
-    close.train_step(model, optimizer, images, labels, (3,) * 6, 5.0, False)
+    close.train_step(model, optimizer, images, labels, (3,) * 6, 5.0)
     assert not all(torch.equal(a, b) for a, b in zip(before, model.gate.parameters()))
 
 
@@ -339,7 +332,7 @@ def test_block_preference_on_a_known_loss_table(monkeypatch):
     def loss(i, block, half):  # block 1 is 0.05 worse for every arch; odd archs like block 1 by 0.08 more than block 0
         return 0.1 * i + 0.05 * block - (0.08 * block if i % 2 else 0) + 0.001 * half
 
-    def fake_score(model, arch, images, labels, batch_size, amp=False, assignment=None):
+    def fake_score(model, arch, images, labels, batch_size, assignment=None):
         i = archs.index(arch)
         return 0.0, loss(i, assignment.blocks[0] if assignment else gate_choice[i], float(images[0, 0, 0, 0]))
 
@@ -461,8 +454,8 @@ def test_mutation_changes_exactly_the_cell():
 @needs_nb201
 def test_regularized_evolution_on_the_nb201_table():
     truth = close.load_ground_truth(str(NB201_CSV))
-    best, value, _ = close.regularized_evolution(truth.__getitem__, budget=1000, seed=0)
-    assert value > 94.0 and sorted(truth.values(), reverse=True).index(value) < 10
+    best, value, _ = close.regularized_evolution(truth.accuracy.__getitem__, budget=1000, seed=0)
+    assert value > 94.0 and truth.rank[best] <= 10
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,7 +542,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch, 
     monkeypatch.setattr(close, "train_step", train_step_then_ctrl_c)
     assert close.main(args + ["--out", str(tmp_path / "resumed")]) == 130
     state = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
-    assert (state["epoch"], state["partial_epoch"]["step"] if state["partial_epoch"] else None) == (1, 0 if stop_at_call == 8 else 3)
+    assert (state["epoch"], state["epoch_progress"]["step"] if state["epoch_progress"] else None) == (1, 0 if stop_at_call == 8 else 3)
     monkeypatch.setattr(close, "train_step", real_train_step)
     assert close.main(args + ["--out", str(tmp_path / "resumed"), "--resume"]) == 0
 
@@ -635,9 +628,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     out = tmp_path / "run"
     real_train_step, calls = close.train_step, []
 
-    def poisoned_train_step(model, optimizer, images, labels, arch, grad_clip, amp):
+    def poisoned_train_step(model, optimizer, images, labels, arch, grad_clip):
         calls.append(arch)
-        loss, logits = real_train_step(model, optimizer, images, labels, arch, grad_clip, amp)
+        loss, logits = real_train_step(model, optimizer, images, labels, arch, grad_clip)
         return (loss * float("nan") if len(calls) == 8 + 3 else loss), logits  # epoch 2 (8 steps/epoch), step 3
 
     monkeypatch.setattr(close, "train_step", poisoned_train_step)
@@ -722,7 +715,8 @@ def test_nb201_table_has_6466_isomorphism_groups():
     groups = table.group_accuracies(lambda text: close.canonical(close.str_to_arch(text)))
     assert len(groups) == 6466 and set(groups) == set(close.unique_archs())
     assert max(groups.values()) == pytest.approx(94.37, abs=0.005)
-    assert close.load_ground_truth(str(NB201_CSV)) == groups
+    truth = close.load_ground_truth(str(NB201_CSV))
+    assert {arch: truth.accuracy[arch] for arch in close.unique_archs()} == groups and truth.rank[close.str_to_arch(BEST_CIFAR10)] == 1
 
 
 # ---------------------------------------------------------------------------------------------
