@@ -135,24 +135,14 @@ def arch_to_str(arch):
 
 
 def str_to_arch(text):
-    """The inverse of arch_to_str; anything else raises ValueError naming the string and the bad part."""
-    nodes, arch, problem = text.split("+") if isinstance(text, str) else [], [], ""
-    for node, part in enumerate(nodes, start=1):
-        inputs = part.split("|")
-        if len(inputs) != node + 2 or inputs[0] or inputs[-1]:  # '|a~0|b~1|' splits to ['', 'a~0', 'b~1', '']
-            problem = f"node {node} should read {ARCH_FORMAT.split('+')[min(node, 3) - 1]}, not {part!r}"
-            break
-        for src, token in enumerate(inputs[1:-1]):
-            op, _, source = token.partition("~")
-            if op not in OPS or source != str(src):
-                problem = f"{op!r} is not an op ({', '.join(OPS)})" if op not in OPS else f"{token!r} should come from node {src}"
-                break
-            arch.append(OPS.index(op))
-        if problem:
-            break
-    if problem or len(nodes) != 3:
-        raise ValueError(f"not an NB201 architecture string: {text!r} ({problem or f'expected {ARCH_FORMAT}'})")
-    return tuple(arch)
+    """The inverse of arch_to_str; anything else raises ValueError naming the string and its first bad token."""
+    tokens = text.replace("|+|", "|").strip("|").split("|") if isinstance(text, str) else []
+    ops = [token.partition("~")[0] for token in tokens]
+    problem = next((f"{op!r} is not an op ({', '.join(OPS)})" for op in ops if op not in OPS), None) or next(
+        (f"{token!r} should come from node {src}" for token, (src, _) in zip(tokens, EDGES) if not token.endswith(f"~{src}")), None)
+    if problem or len(ops) != len(EDGES) or arch_to_str([OPS.index(op) for op in ops]) != text:
+        raise ValueError(f"not an NB201 architecture string: {text!r} ({problem or 'expected ' + ARCH_FORMAT})")
+    return tuple(OPS.index(op) for op in ops)
 
 
 def as_arch(arch):
@@ -1085,27 +1075,12 @@ def write_csv(path, header, rows):
     write_atomic(path, write)
 
 
-def rng_states():
-    numpy_state = np.random.get_state()
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]]}
-
-
-def set_rng_states(states):
-    random.setstate(states["python"])
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    keys, *rest = states["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), *rest))
-
-
 def save_checkpoint(path, cfg, model, state, log):
-    """Everything an exact resume needs: weights and level, optimizer, scheduler, RNGs, log, and the
-    pass under way when a stop interrupted it. The previous checkpoint stays until this one is complete."""
+    """Everything an exact resume needs: weights and level, optimizer, scheduler, torch's RNGs (the only
+    ones training draws from), log, and the pass a stop interrupted. The previous file stays until this one is complete."""
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     checkpoint = {"config": asdict(cfg), "epoch": state.epoch, "model": model.state_dict(), "optimizer": state.optimizer.state_dict(),
-                  "scheduler": state.scheduler.state_dict(), "rng": rng_states(), "log": log,
+                  "scheduler": state.scheduler.state_dict(), "rng": rng, "log": log,
                   "epoch_progress": vars(state.epoch_progress) if state.epoch_progress else None}
     write_atomic(path, lambda temporary: torch.save(checkpoint, temporary))
 
@@ -1141,7 +1116,9 @@ def fit(model, data, cfg, out):
         model.load_state_dict(saved["model"])
         state.optimizer.load_state_dict(saved["optimizer"])
         state.scheduler.load_state_dict(saved["scheduler"])
-        set_rng_states(saved["rng"])
+        torch.set_rng_state(saved["rng"]["cpu"])
+        if saved["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
         state.epoch, log = saved["epoch"], saved["log"]
         state.epoch_progress = EpochProgress(**saved["epoch_progress"]) if saved["epoch_progress"] else None
         print(f"resumed {out} after epoch {state.epoch}" + (f", step {state.epoch_progress.step}" if state.epoch_progress else "") +
@@ -1216,51 +1193,46 @@ def result_row(arch, scores, truth):
 
 
 def build_model(cfg, num_classes, device):
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # training draws from torch's RNG only (init, sampling, augmentation, Gumbel noise)
     model = CLOSENet(cfg.channels, cfg.cells, cfg.blocks, num_classes, cfg.baseline, cfg.gate_norm == "layernorm")
     return model.to(device, memory_format=MEMORY_FORMAT)
 
 
 def run(cfg, resume=False, load="", arch_strings=(), given=()):
-    """setup -> train -> score -> rank -> search -> report, everything written into the output folder."""
+    """setup -> train -> score -> rank -> search -> report, everything written into the output folder.
+    Every option and input is checked before anything slow starts or anything is written."""
     cfg, checkpoint = settle_options(cfg, set(given), resume, load)
     check_config(cfg)
     try:
         chosen_archs = tuple(dict.fromkeys(str_to_arch(text) for text in arch_strings))
     except ValueError as error:
         raise UsageError(f"--arch: {error}") from None
-    device = resolve_device(cfg.device)
-    out = claim_out(cfg, resume)
-    truth = load_ground_truth(cfg.nb201) if cfg.nb201 else None  # read now, used only after scoring
+    device, out = resolve_device(cfg.device), claim_out(cfg, resume)
+    truth = load_ground_truth(cfg.nb201) if cfg.nb201 else None  # used only after scoring, never by the search
     if not plotting_available():
         print(f"matplotlib is not installed: ranking.png will be skipped (pip install matplotlib; then python close.py --plot {out})")
+    times, started = {}, time.time()
     try:
-        return run_stages(cfg, device, out, checkpoint, chosen_archs, truth)
+        data = load_dataset(cfg).to(device)
+        times["data_s"] = time.time() - started
+        model = build_model(cfg, data.num_classes, device)
+        print(f"{out.name}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(data.train_labels):,} train / "
+              f"{len(data.heldout_labels):,} held-out images, device {device}", flush=True)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))  # the run starts: the folder is now its own
+        if checkpoint:
+            model.load_state_dict(checkpoint["model"])
+        log = checkpoint["log"] if checkpoint else fit(model, data, cfg, out)
+        times["train_s"] = sum(row["seconds"] for row in log)
+        return score_rank_search(model, data, cfg, out, chosen_archs, truth, times, log)
     except KeyboardInterrupt:
         kept = f"{out} keeps what was saved: rerun with --resume" if (out / "config.json").exists() else "nothing was saved"
         raise Interrupted(f"interrupted; {kept}") from None
 
 
-def run_stages(cfg, device, out, checkpoint, chosen_archs, truth):
-    times, started = {}, time.time()
-    data = load_dataset(cfg).to(device)
-    times["data_s"] = time.time() - started
-    model = build_model(cfg, data.num_classes, device)
-    print(f"{out.name}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(data.train_labels):,} train / "
-          f"{len(data.heldout_labels):,} held-out images, device {device}", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))  # the run starts: the folder is now its own
-    if checkpoint:
-        model.load_state_dict(checkpoint["model"])
-        log = checkpoint["log"]
-    else:
-        log = fit(model, data, cfg, out)
-    times["train_s"] = sum(row["seconds"] for row in log)
-
-    started = time.time()
-    images, labels = heldout_set(data, cfg)
+def score_rank_search(model, data, cfg, out, chosen_archs, truth, times, log):
+    """Score the archs on the held-out split, rank them against NB201, search with the supernet, report."""
+    started, (images, labels) = time.time(), heldout_set(data, cfg)
     archs = chosen_archs or unique_archs()
     if not chosen_archs and cfg.eval_archs and cfg.eval_archs < len(archs):
         archs = tuple(random.Random(cfg.eval_seed).sample(archs, cfg.eval_archs))
@@ -1268,27 +1240,19 @@ def run_stages(cfg, device, out, checkpoint, chosen_archs, truth):
     times["score_s"] = time.time() - started
     write_csv(out / "scores.csv", SCORE_FIELDS, [[arch_to_str(a), *scores[a], truth.accuracy[a] if truth else ""] for a in archs])
     metrics = ranking_metrics([scores[a][0] for a in archs], [truth.accuracy[a] for a in archs]) if truth and len(archs) > 1 else None
-
-    started, search = time.time(), None
+    started, search, searched = time.time(), None, dict(scores)
     if cfg.search_budget:
-        searched = dict(scores)
         search = search_with_supernet(model, images, labels, cfg, searched)
         search["best"] = result_row(search["best"], searched, truth)
+        write_text(out / "search.json", json.dumps(search, indent=2))
     times["search_s"] = time.time() - started
-    return report(out, cfg, model, archs, scores, truth, metrics, search, times, log, len(labels), device)
-
-
-def report(out, cfg, model, archs, scores, truth, metrics, search, times, log, heldout_images, device):
-    """metrics.json, search.json, the summary and ranking.png."""
     # which blocks the scored archs' routed edges used: a collapsed GATE sends them all to one block
-    usage = np.bincount([scoring_assignment(model, arch, cfg.eval_gate, cfg.eval_seed).blocks[e] for arch in archs for e in routed_edges(arch)],
+    usage = np.bincount([scoring_assignment(model, a, cfg.eval_gate, cfg.eval_seed).blocks[e] for a in archs for e in routed_edges(a)],
                         minlength=model.num_blocks)
     results = {"run": out.name, "ranking": metrics, "top5": [result_row(a, scores, truth) for a in sorted(archs, key=lambda a: -scores[a][0])[:5]],
                "search": search, "times": {key: round(value, 1) for key, value in times.items()}, "scored_archs": len(archs),
                "mean_oneshot_accuracy": float(np.mean([scores[a][0] for a in archs])), "scoring_edges_per_block": usage.tolist(),
-               "gate": gate_health(model, probe_archs()), "heldout_images": heldout_images, "device": str(device)}
-    if search:
-        write_text(out / "search.json", json.dumps(search, indent=2))
+               "gate": gate_health(model, probe_archs()), "heldout_images": len(labels), "device": str(images.device)}
     write_text(out / "metrics.json", json.dumps(results, indent=2))
     print_summary(out, results, log)
     plot_run(out)
@@ -1405,10 +1369,14 @@ def benchmark(cfg, steps):
     torch.manual_seed(cfg.seed)
     archs = random.Random(0).sample([a for a in unique_archs() if routed_edges(a)], 8)
     data = synthetic_dataset(train=cfg.batch_size, heldout=cfg.batch_size * max(1, cfg.eval_batches or 4), seed=cfg.seed).to(device)
+    results = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": cfg.batch_size,
+               "channels": cfg.channels, "cells": cfg.cells, "steps": steps, "archs": [arch_to_str(a) for a in archs]}
+    print(f"{device}, batch {cfg.batch_size}, C={cfg.channels}, {cfg.cells} cells/stage, {steps} steps on {len(archs)} archs")
+
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
     def ms_per(call, repeats):
-        call(0)  # warm-up (allocator, cuDNN autotuning)
+        call(0)  # warm-up: allocator, cuDNN autotuning
         sync()
         started = time.perf_counter()
         for i in range(repeats):
@@ -1416,25 +1384,17 @@ def benchmark(cfg, steps):
         sync()
         return 1000 * (time.perf_counter() - started) / repeats
 
-    def ms_per_step(model, layout=MEMORY_FORMAT):
-        optimizer, _ = make_optimizer(model.to(memory_format=layout), cfg)
-        x = normalize(data.train_images).contiguous(memory_format=layout)
-        return ms_per(lambda i: train_step(model.train(), optimizer, x, data.train_labels, archs[i % len(archs)], cfg.grad_clip), steps)
-
-    def build(baseline):
-        return CLOSENet(cfg.channels, cfg.cells, cfg.blocks, 10, baseline).to(device, memory_format=MEMORY_FORMAT)
-
-    results = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": cfg.batch_size,
-               "channels": cfg.channels, "cells": cfg.cells, "steps": steps, "archs": [arch_to_str(a) for a in archs]}
-    print(f"{device}, batch {cfg.batch_size}, C={cfg.channels}, {cfg.cells} cells/stage, {steps} steps on {len(archs)} archs")
-    model = build(baseline=False)
-    timings = [("vanilla supernet", "vanilla", build(True), MEMORY_FORMAT), ("vanilla, NCHW layout", "vanilla_nchw", build(True), torch.contiguous_format)]
-    for name, key, net, layout in timings + [(f"CLOSENet level {level}", f"close_level{level}", model, MEMORY_FORMAT) for level in range(1, cfg.blocks + 1)]:
+    model = CLOSENet(cfg.channels, cfg.cells, cfg.blocks).to(device, memory_format=MEMORY_FORMAT)
+    configurations = [("vanilla", CLOSENet(cfg.channels, cfg.cells, baseline=True), MEMORY_FORMAT),
+                      ("vanilla_nchw", CLOSENet(cfg.channels, cfg.cells, baseline=True), torch.contiguous_format)]
+    for key, net, layout in configurations + [(f"close_level{level}", model, MEMORY_FORMAT) for level in range(1, cfg.blocks + 1)]:
         while net is model and model.level < int(key[len("close_level"):]):
             add_glow_block(model)
-        results[f"{key}_ms_per_step"] = ms = ms_per_step(net, layout)
+        optimizer, _ = make_optimizer(net.to(device, memory_format=layout), cfg)
+        x = normalize(data.train_images).contiguous(memory_format=layout)
+        results[f"{key}_ms_per_step"] = ms = ms_per(lambda i: train_step(net.train(), optimizer, x, data.train_labels, archs[i % 8], cfg.grad_clip), steps)
         results[f"{key}_ratio"] = ms / results["vanilla_ms_per_step"]
-        print(f"{name:22s}{ms:8.1f} ms/step   {results[f'{key}_ratio']:.2f}x")
+        print(f"{key:14s}{ms:8.1f} ms/step   {results[f'{key}_ratio']:.2f}x")
     heldout = normalize(data.heldout_images).contiguous(memory_format=MEMORY_FORMAT)
     results["score_ms_per_arch"] = ms_per(lambda i: score_arch(model, archs[i], heldout, data.heldout_labels, cfg.batch_size), len(archs))
     results["score_images_per_s"] = 1000 * len(data.heldout_labels) / results["score_ms_per_arch"]
@@ -1442,8 +1402,7 @@ def benchmark(cfg, steps):
         results[f"train_images_per_s_{key}"] = 1000 * cfg.batch_size / results[f"{key}_ms_per_step"]
     print(f"scoring: {results['score_ms_per_arch']:.1f} ms per arch on {len(data.heldout_labels)} images "
           f"({results['score_images_per_s']:,.0f} img/s); training {results['train_images_per_s_vanilla']:,.0f} img/s vanilla")
-    out = Path(cfg.out or "runs")
-    out.mkdir(parents=True, exist_ok=True)
+    (out := Path(cfg.out or "runs")).mkdir(parents=True, exist_ok=True)
     write_text(out / "benchmark.json", json.dumps(results, indent=2))
     print(f"written to {out / 'benchmark.json'}")
     return results

@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,15 +27,30 @@ import nb201_api_slim as nb
 
 ROOT = Path(__file__).resolve().parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
-NB201_CSV = SHARED_DATA / "nb201_test_accuracy.csv"
-CIFAR_ZIP = SHARED_DATA / "cifar10-jpg.zip"
 BEST_CIFAR10 = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_3x3~1|nor_conv_1x1~2|"
-needs_nb201 = pytest.mark.skipif(not NB201_CSV.exists(), reason="../shared/data/nb201_test_accuracy.csv is absent")
-needs_cifar = pytest.mark.skipif(not CIFAR_ZIP.exists(), reason="../shared/data/cifar10-jpg.zip is absent")
+# The smallest runs that still exercise everything: 2 training steps per epoch, 12 archs scored on 128 images.
+TINY = ["--data", "synthetic", "--device", "cpu", "--cells", "1", "--channels", "4", "--batch-size", "128", "--train-subset", "256",
+        "--eval-archs", "12", "--eval-batches", "1", "--search-budget", "16", "--population", "6", "--tournament", "3"]
+
+
+def shared_file(name):
+    """A file of ../shared/data (real CIFAR-10 images, the NB201 table): there in CI, absent on users' machines."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    return path
+
+
+def error_line(capsys, argv):
+    code = close.main(argv)
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
 
 
 # ---------------------------------------------------------------------------------------------
-# Search space
+# 1. Search space
 # ---------------------------------------------------------------------------------------------
 def test_search_space_sizes():
     assert len(close.ALL_ARCHS) == 15625 == len(set(close.ALL_ARCHS))
@@ -56,6 +72,13 @@ def test_bad_arch_strings_are_rejected_naming_the_string(bad):
     with pytest.raises(ValueError, match="not an NB201 architecture string") as error:
         close.str_to_arch(bad)
     assert repr(bad) in str(error.value)
+
+
+def test_arch_string_errors_point_at_the_bad_token():
+    with pytest.raises(ValueError, match="'skip_conect' is not an op"):
+        close.str_to_arch(BEST_CIFAR10.replace("skip_connect", "skip_conect"))
+    with pytest.raises(ValueError, match="should come from node 1"):
+        close.str_to_arch(BEST_CIFAR10.replace("nor_conv_3x3~1", "nor_conv_3x3~2"))
 
 
 def test_isomorphic_cells_share_a_representative():
@@ -83,29 +106,126 @@ def test_live_edges():
     assert close.live_edges((skip, 0, 0, 0, conv, skip)) == (True, False, False, False, True, False)
 
 
-def test_training_draws_from_the_unique_archs(monkeypatch):
-    drawn = []
+# ---------------------------------------------------------------------------------------------
+# 2. Data
+# ---------------------------------------------------------------------------------------------
+def write_png(path, value):
+    from PIL import Image
+    Image.fromarray(np.full((32, 32, 3), value, dtype=np.uint8)).save(path)
 
-    def record(model, optimizer, images, labels, arch, grad_clip):
-        drawn.append(arch)
-        return torch.zeros(()), torch.zeros(len(labels), 10)
 
-    monkeypatch.setattr(close, "train_step", record)
+def test_image_folder_split_is_shuffled_not_positional(tmp_path):
+    for label, name in enumerate(("a", "b", "c", "d", "e")):
+        folder = tmp_path / "train" / name
+        folder.mkdir(parents=True)
+        for i in range(10):
+            write_png(folder / f"{i}.png", 40 * label)
+    data = close.image_folder_dataset(tmp_path)
+    assert data.num_classes == 5 and len(data.train_labels) == 40 and len(data.heldout_labels) == 10
+    assert len(set(data.heldout_labels.tolist())) >= 3  # a positional split would hold out the last class only
+    assert all((data.train_images[i] == 40 * data.train_labels[i]).all() for i in range(40))  # labels follow images
+
+
+def test_torchvision_cifar10_is_split_by_position(monkeypatch):
+    import torchvision
+
+    class FakeCIFAR10:  # torchvision's layout: uint8 NHWC numpy images, a list of labels, random order
+        def __init__(self, root, train, download):
+            assert train and download
+            self.data = np.arange(50000 * 4, dtype=np.uint8).reshape(50000, 1, 1, 4).repeat(32, 1).repeat(32, 2)[..., :3]
+            self.targets = [i % 10 for i in range(50000)]
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
+    data = close.cifar10_dataset("unused")
+    assert data.train_images.shape == (40000, 3, 32, 32) and data.heldout_images.shape == (10000, 3, 32, 32)
+    assert data.train_labels[:3].tolist() == [0, 1, 2] and data.heldout_labels[0] == 40000 % 10
+    assert data.heldout_images[0, :, 0, 0].tolist() == [(40000 * 4 + c) % 256 for c in range(3)]  # channels first
+
+
+def test_offline_cifar10_download_is_one_line_naming_the_alternatives(tmp_path, capsys, monkeypatch):
+    import torchvision
+    import urllib.error
+
+    def offline(root, train, download):
+        Path(root).mkdir(parents=True, exist_ok=True)
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    err = error_line(capsys, TINY[2:] + ["--data", "cifar10", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "run")])
+    assert "could not be downloaded" in err and "--data synthetic" in err and "--data-root" in err
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
+
+
+def test_train_subset_is_seeded_and_keeps_the_heldout_split():
+    full = close.load_dataset(close.Config(data="synthetic"))
+    small = close.load_dataset(close.Config(data="synthetic", train_subset=100))
+    assert len(small.train_labels) == 100 and torch.equal(small.heldout_images, full.heldout_images)
+    assert torch.equal(small.train_images, close.load_dataset(close.Config(data="synthetic", train_subset=100)).train_images)
+    rows = {tuple(image.flatten().tolist()) for image in full.train_images}
+    assert all(tuple(image.flatten().tolist()) in rows for image in small.train_images)
+
+
+def test_augment_is_a_per_image_crop_and_flip():
     torch.manual_seed(0)
-    data = close.synthetic_dataset(train=3000, heldout=1)
-    progress = close.EpochProgress.begin(data, close.Config(batch_size=1), lr=0.05)
-    close.train_epoch(close.CLOSENet(channels=4, cells=1), None, data, close.Config(batch_size=1), progress)
-    assert len(drawn) == 3000 and progress.step == 3000 and progress.archs == drawn
-    assert set(drawn) <= set(close.unique_archs())  # representatives only: isomorphs are never drawn twice over
-    # uniform over 6,466 classes: 3,000 draws hit about 6466 * (1 - exp(-3000 / 6466)) = 2,400 distinct classes
-    assert 2300 < len(set(drawn)) < 2530
+    images = torch.arange(2 * 3 * 32 * 32, dtype=torch.int64).reshape(2, 3, 32, 32).float().add(1).repeat(32, 1, 1, 1)
+    out = close.augment(images)
+    assert out.shape == images.shape
+    padded = F.pad(images, (4, 4, 4, 4))
+    distinct = set()
+    for i in range(len(images)):  # each output is one crop of the padded image, possibly mirrored
+        matches = [(dy, dx, flip) for dy in range(9) for dx in range(9) for flip in (False, True)
+                   if torch.equal(out[i], (padded[i, :, dy:dy + 32, dx:dx + 32].flip(-1) if flip else padded[i, :, dy:dy + 32, dx:dx + 32]))]
+        assert len(matches) == 1
+        distinct.add(matches[0])
+    assert len(distinct) > 20  # drawn per image, not once per batch
+
+
+def test_real_cifar10_folder(tmp_path):
+    with zipfile.ZipFile(shared_file("cifar10-jpg.zip")) as archive:
+        members = [m for m in archive.namelist() if m.startswith("cifar10/train/") and m.endswith(".jpg")]
+        archive.extractall(tmp_path, members=[m for m in members if int(Path(m).stem) < 200])
+    data = close.image_folder_dataset(tmp_path / "cifar10")
+    assert data.num_classes == 10 and len(data.train_labels) + len(data.heldout_labels) == 2000
+    assert len(set(data.heldout_labels.tolist())) == 10
+    mean = data.train_images.float().mean((0, 2, 3)) / 255
+    assert torch.allclose(mean, torch.tensor(close.CIFAR10_MEAN), atol=0.03)
 
 
 # ---------------------------------------------------------------------------------------------
-# CLOSENet: the parameter pool, the sharing assignment, the GATE
+# 3. CLOSENet: the parameter pool, the sharing assignment, the GATE
 # ---------------------------------------------------------------------------------------------
 def n_params(module):
     return sum(p.numel() for p in module.parameters())
+
+
+def small_batch(n=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=generator), torch.randint(10, (n,), generator=generator)
+
+
+def grown(model, level):
+    while model.level < level:
+        close.add_glow_block(model)
+    return model
+
+
+def gated_assignment(model, arch):
+    """The GATE's straight-through assignment, also at level 1 (where the model skips the gate)."""
+    logits = model.gate(model.all_archs[close.ALL_ARCHS_INDEX[arch]])[:, :model.level]
+    gate = F.gumbel_softmax(logits, tau=close.GUMBEL_TEMPERATURE, hard=True)
+    return close.SharingAssignment(blocks=gate.argmax(-1), gate=gate)
+
+
+def loss_and_grads(model, images, labels, arch, assignment):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)  # the same head dropout mask in both formulations
+    loss = F.cross_entropy(model(images, arch, assignment), labels)
+    loss.backward(retain_graph=True)  # the assignment's graph (the GATE) is reused by the oracle
+    grads = {name: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for name, p in model.named_parameters()}
+    return loss.detach(), grads
+
+
+def close_layer_index(model, cell_number):
+    return [i for i, layer in enumerate(model.layers) if isinstance(layer, close.Cell)][cell_number]
 
 
 def test_parameter_counts_match_the_official_supernets():
@@ -131,15 +251,103 @@ def test_level_one_puts_every_edge_on_block_zero_without_the_gate():
     assert model.level == 1 and assignment.blocks == [0] * 6 and assignment.gate is None
 
 
-def small_batch(n=8, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 32, 32, generator=generator), torch.randint(10, (n,), generator=generator)
+@pytest.mark.parametrize("level", [1, 3])
+def test_an_arch_string_means_the_same_network_everywhere(level):
+    torch.manual_seed(0)
+    model = grown(close.CLOSENet(channels=4, cells=1, num_blocks=3), level).eval()
+    vanilla = close.CLOSENet(channels=4, cells=1, baseline=True).eval()
+    images, labels = small_batch()
+    for net in (model, vanilla):
+        assert torch.equal(net(images, BEST_CIFAR10), net(images, close.str_to_arch(BEST_CIFAR10)))
+        assert close.score_arch(net, BEST_CIFAR10, images, labels, 8) == close.score_arch(net, list(close.str_to_arch(BEST_CIFAR10)), images, labels, 8)
+        assert not torch.equal(net(images, BEST_CIFAR10), net(images, (close.AVG_POOL,) * 6))
+    assert close.canonical(BEST_CIFAR10) == close.canonical(close.str_to_arch(BEST_CIFAR10))
+    for bad in ("|nor_conv_3x3~0|", (3, 3, 3), (3, 3, 3, 1, 3, 7), (3, 3, 3, 1, 3, True), 42):
+        with pytest.raises(ValueError, match="not an NB201 architecture"):
+            model(images, bad)
 
 
-def grown(model, level):
-    while model.level < level:
-        close.add_glow_block(model)
-    return model
+@pytest.mark.parametrize("level", [1, 2, 3, 4, 5])
+def test_fast_blocks_equal_the_all_blocks_oracle(level, monkeypatch):
+    torch.manual_seed(level)
+    model = grown(close.CLOSENet(channels=4, cells=1, num_blocks=5), level).train()
+    with torch.no_grad():  # make the blocks different, as training would
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    images, labels = small_batch()
+    arch = (3, 2, 3, 1, 3, 2)
+    torch.manual_seed(100)
+    assignment = gated_assignment(model, arch)
+    fast_loss, fast = loss_and_grads(model, images, labels, arch, assignment)
+    monkeypatch.setattr(close, "glow_op", close.glow_op_reference)
+    oracle_loss, oracle = loss_and_grads(model, images, labels, arch, assignment)
+    assert torch.allclose(fast_loss, oracle_loss, rtol=1e-5, atol=1e-6)
+    for name in oracle:
+        assert torch.allclose(fast[name], oracle[name], rtol=1e-4, atol=1e-6), name
+    gate_grad = torch.cat([g.flatten() for name, g in oracle.items() if name.startswith("gate.")])
+    if level == 1:
+        assert not gate_grad.any()  # one block: softmax of one logit, no signal for the gate
+    else:
+        assert gate_grad.abs().sum() > 0
+
+
+def test_gate_is_hard_in_forward_and_only_chosen_blocks_get_gradient():
+    torch.manual_seed(0)
+    model = grown(close.CLOSENet(channels=4, cells=2, num_blocks=5), 4).train()
+    images, labels = small_batch()
+    arch = (3, 3, 2, 3, 2, 3)  # every edge parameterised and live
+    for trial in range(5):
+        assignment = model.sharing_assignment(arch)
+        gate = assignment.gate
+        assert gate.shape == (6, 4)
+        assert ((gate == 0).sum(-1) == 3).all() and torch.allclose(gate.sum(-1), torch.ones(6))
+        assert torch.equal(gate.argmax(-1), assignment.blocks)
+        _, grads = loss_and_grads(model, images, labels, arch, assignment)
+        used = {(close.CONV3X3 if op == close.CONV3X3 else close.CONV1X1, b) for op, b in zip(arch, assignment.blocks.tolist())}
+        for c, cell in enumerate(model.cells()):
+            for b in range(5):
+                for op, name in ((close.CONV1X1, "conv1x1"), (close.CONV3X3, "conv3x3")):
+                    grad = grads[f"layers.{close_layer_index(model, c)}.glow_blocks.{b}.{name}.weight"]
+                    assert bool(grad.any()) == ((op, b) in used), (trial, c, b, name)
+        assert any(grads[n].any() for n in grads if n.startswith("gate."))
+
+
+def test_scoring_is_deterministic_argmax_and_uses_batch_statistics():
+    torch.manual_seed(0)
+    model = grown(close.CLOSENet(channels=4, cells=1, num_blocks=3), 3)
+    images, labels = small_batch(16)
+    first = close.score_arch(model, (3, 2, 1, 3, 4, 2), images, labels, batch_size=8)
+    assert first == close.score_arch(model, (3, 2, 1, 3, 4, 2), images, labels, batch_size=8)
+    model.eval()
+    assert model.sharing_assignment((3,) * 6).gate is None
+    # batch statistics: an image's logits depend on the other images in its batch (no running statistics)
+    a = model(images[:8], (3,) * 6)
+    b = model(torch.cat([images[:4], images[8:12]]), (3,) * 6)
+    assert not torch.allclose(a[:4], b[:4])
+
+
+def test_sampled_scoring_gate_is_seeded_per_arch():
+    torch.manual_seed(0)
+    model = grown(close.CLOSENet(channels=4, cells=1, num_blocks=5, gate_norm=False), 5)  # a flat GATE at init
+    archs = close.unique_archs()[:40]
+    draws = [close.scoring_assignment(model, arch, "sample", seed=3).blocks for arch in archs]
+    assert draws == [close.scoring_assignment(model, arch, "sample", seed=3).blocks for arch in archs[::-1]][::-1]  # any order
+    assert draws != [close.scoring_assignment(model, arch, "sample", seed=4).blocks for arch in archs]
+    assert len(set(sum(draws, []))) == 5  # a flat GATE's draws spread over the blocks ...
+    argmax = [close.scoring_assignment(model, arch).blocks for arch in archs]
+    assert len(set(sum(argmax, []))) == 1  # ... where its argmax sends every edge to one block
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Curriculum and WIT
+# ---------------------------------------------------------------------------------------------
+def test_curriculum_schedule():
+    levels = [close.curriculum_level(epoch, 250, 5) for epoch in range(250)]
+    starts = [levels.index(level) for level in range(1, 6)]
+    assert starts == [0, 50, 100, 150, 200]  # blocks added after epochs 0, 50, 100, 150, 200
+    official = [close.curriculum_level(epoch, 1000, 5) for epoch in range(1000)]
+    assert [official.index(level) for level in range(1, 6)] == [0, 200, 400, 600, 800]
+    assert close.restart_epoch(close.Config(epochs=1000)) == 400
 
 
 def trained_between_growths(rule, levels=(2, 3, 4)):
@@ -212,69 +420,25 @@ def test_growth_rule_decides_whether_twins_silence_the_gate(rule):
         assert hidden.norm() > 1e-5
 
 
-def gated_assignment(model, arch):
-    """The GATE's straight-through assignment, also at level 1 (where the model skips the gate)."""
-    logits = model.gate(model.all_archs[close.ALL_ARCHS_INDEX[arch]])[:, :model.level]
-    gate = F.gumbel_softmax(logits, tau=close.GUMBEL_TEMPERATURE, hard=True)
-    return close.SharingAssignment(blocks=gate.argmax(-1), gate=gate)
+# ---------------------------------------------------------------------------------------------
+# 5. Training
+# ---------------------------------------------------------------------------------------------
+def test_training_draws_from_the_unique_archs(monkeypatch):
+    drawn = []
 
+    def record(model, optimizer, images, labels, arch, grad_clip):
+        drawn.append(arch)
+        return torch.zeros(()), torch.zeros(len(labels), 10)
 
-def loss_and_grads(model, images, labels, arch, assignment):
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(7)  # the same head dropout mask in both formulations
-    loss = F.cross_entropy(model(images, arch, assignment), labels)
-    loss.backward(retain_graph=True)  # the assignment's graph (the GATE) is reused by the oracle
-    grads = {name: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for name, p in model.named_parameters()}
-    return loss.detach(), grads
-
-
-@pytest.mark.parametrize("level", [1, 2, 3, 4, 5])
-def test_fast_blocks_equal_the_all_blocks_oracle(level, monkeypatch):
-    torch.manual_seed(level)
-    model = grown(close.CLOSENet(channels=4, cells=1, num_blocks=5), level).train()
-    with torch.no_grad():  # make the blocks different, as training would
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    images, labels = small_batch()
-    arch = (3, 2, 3, 1, 3, 2)
-    torch.manual_seed(100)
-    assignment = gated_assignment(model, arch)
-    fast_loss, fast = loss_and_grads(model, images, labels, arch, assignment)
-    monkeypatch.setattr(close, "glow_op", close.glow_op_reference)
-    oracle_loss, oracle = loss_and_grads(model, images, labels, arch, assignment)
-    assert torch.allclose(fast_loss, oracle_loss, rtol=1e-5, atol=1e-6)
-    for name in oracle:
-        assert torch.allclose(fast[name], oracle[name], rtol=1e-4, atol=1e-6), name
-    gate_grad = torch.cat([g.flatten() for name, g in oracle.items() if name.startswith("gate.")])
-    if level == 1:
-        assert not gate_grad.any()  # one block: softmax of one logit, no signal for the gate
-    else:
-        assert gate_grad.abs().sum() > 0
-
-
-def test_gate_is_hard_in_forward_and_only_chosen_blocks_get_gradient():
+    monkeypatch.setattr(close, "train_step", record)
     torch.manual_seed(0)
-    model = grown(close.CLOSENet(channels=4, cells=2, num_blocks=5), 4).train()
-    images, labels = small_batch()
-    arch = (3, 3, 2, 3, 2, 3)  # every edge parameterised and live
-    for trial in range(5):
-        assignment = model.sharing_assignment(arch)
-        gate = assignment.gate
-        assert gate.shape == (6, 4)
-        assert ((gate == 0).sum(-1) == 3).all() and torch.allclose(gate.sum(-1), torch.ones(6))
-        assert torch.equal(gate.argmax(-1), assignment.blocks)
-        _, grads = loss_and_grads(model, images, labels, arch, assignment)
-        used = {(close.CONV3X3 if op == close.CONV3X3 else close.CONV1X1, b) for op, b in zip(arch, assignment.blocks.tolist())}
-        for c, cell in enumerate(model.cells()):
-            for b in range(5):
-                for op, name in ((close.CONV1X1, "conv1x1"), (close.CONV3X3, "conv3x3")):
-                    grad = grads[f"layers.{close_layer_index(model, c)}.glow_blocks.{b}.{name}.weight"]
-                    assert bool(grad.any()) == ((op, b) in used), (trial, c, b, name)
-        assert any(grads[n].any() for n in grads if n.startswith("gate."))
-
-
-def close_layer_index(model, cell_number):
-    return [i for i, layer in enumerate(model.layers) if isinstance(layer, close.Cell)][cell_number]
+    data = close.synthetic_dataset(train=3000, heldout=1)
+    progress = close.EpochProgress.begin(data, close.Config(batch_size=1), lr=0.05)
+    close.train_epoch(close.CLOSENet(channels=4, cells=1), None, data, close.Config(batch_size=1), progress)
+    assert len(drawn) == 3000 and progress.step == 3000 and progress.archs == drawn
+    assert set(drawn) <= set(close.unique_archs())  # representatives only: isomorphs are never drawn twice over
+    # uniform over 6,466 classes: 3,000 draws hit about 6466 * (1 - exp(-3000 / 6466)) = 2,400 distinct classes
+    assert 2300 < len(set(drawn)) < 2530
 
 
 @pytest.mark.parametrize("gate_weight_decay", [0.0, 5e-4])
@@ -297,6 +461,9 @@ def test_gate_weight_decay_is_its_own_and_applies_at_level_one(gate_weight_decay
     assert not all(torch.equal(a, b) for a, b in zip(before, model.gate.parameters()))
 
 
+# ---------------------------------------------------------------------------------------------
+# 6. Evaluation: the GATE's health, block preference, ranking metrics
+# ---------------------------------------------------------------------------------------------
 def test_gate_health_on_a_hand_built_gate(monkeypatch):
     model = grown(close.CLOSENet(channels=4, cells=1, num_blocks=3), 3)
     archs = [(3,) * 6, (2,) * 6, (3, 0, 0, 1, 0, 0)]  # the last has no live parameterised edge (0->1 is dead)
@@ -310,18 +477,6 @@ def test_gate_health_on_a_hand_built_gate(monkeypatch):
     assert close.gate_health(close.CLOSENet(channels=4, cells=1, num_blocks=3), archs)["spread"] is None  # level 1: no GATE at work
     assert "COLLAPSED" in close.describe_gate({"spread": 0.5, "off_dominant": 0.0, "entropy": 0.9})
     assert "BLIND" in close.describe_gate({"spread": 1e-4, "off_dominant": 0.0, "entropy": 1.0})
-
-
-def test_sampled_scoring_gate_is_seeded_per_arch():
-    torch.manual_seed(0)
-    model = grown(close.CLOSENet(channels=4, cells=1, num_blocks=5, gate_norm=False), 5)  # a flat GATE at init
-    archs = close.unique_archs()[:40]
-    draws = [close.scoring_assignment(model, arch, "sample", seed=3).blocks for arch in archs]
-    assert draws == [close.scoring_assignment(model, arch, "sample", seed=3).blocks for arch in archs[::-1]][::-1]  # any order
-    assert draws != [close.scoring_assignment(model, arch, "sample", seed=4).blocks for arch in archs]
-    assert len(set(sum(draws, []))) == 5  # a flat GATE's draws spread over the blocks ...
-    argmax = [close.scoring_assignment(model, arch).blocks for arch in archs]
-    assert len(set(sum(argmax, []))) == 1  # ... where its argmax sends every edge to one block
 
 
 def test_block_preference_on_a_known_loss_table(monkeypatch):
@@ -348,50 +503,6 @@ def test_block_preference_on_a_known_loss_table(monkeypatch):
     assert p["gain_gate"] == pytest.approx(np.mean([0.025, 0.015, -0.025, 0.015]))
 
 
-def test_scoring_is_deterministic_argmax_and_uses_batch_statistics():
-    torch.manual_seed(0)
-    model = grown(close.CLOSENet(channels=4, cells=1, num_blocks=3), 3)
-    images, labels = small_batch(16)
-    first = close.score_arch(model, (3, 2, 1, 3, 4, 2), images, labels, batch_size=8)
-    assert first == close.score_arch(model, (3, 2, 1, 3, 4, 2), images, labels, batch_size=8)
-    model.eval()
-    assert model.sharing_assignment((3,) * 6).gate is None
-    # batch statistics: an image's logits depend on the other images in its batch (no running statistics)
-    a = model(images[:8], (3,) * 6)
-    b = model(torch.cat([images[:4], images[8:12]]), (3,) * 6)
-    assert not torch.allclose(a[:4], b[:4])
-
-
-# ---------------------------------------------------------------------------------------------
-# Curriculum and recipe
-# ---------------------------------------------------------------------------------------------
-def test_curriculum_schedule():
-    levels = [close.curriculum_level(epoch, 250, 5) for epoch in range(250)]
-    starts = [levels.index(level) for level in range(1, 6)]
-    assert starts == [0, 50, 100, 150, 200]  # blocks added after epochs 0, 50, 100, 150, 200
-    official = [close.curriculum_level(epoch, 1000, 5) for epoch in range(1000)]
-    assert [official.index(level) for level in range(1, 6)] == [0, 200, 400, 600, 800]
-    assert close.restart_epoch(close.Config(epochs=1000)) == 400
-
-
-def test_augment_is_a_per_image_crop_and_flip():
-    torch.manual_seed(0)
-    images = torch.arange(2 * 3 * 32 * 32, dtype=torch.int64).reshape(2, 3, 32, 32).float().add(1).repeat(32, 1, 1, 1)
-    out = close.augment(images)
-    assert out.shape == images.shape
-    padded = F.pad(images, (4, 4, 4, 4))
-    distinct = set()
-    for i in range(len(images)):  # each output is one crop of the padded image, possibly mirrored
-        matches = [(dy, dx, flip) for dy in range(9) for dx in range(9) for flip in (False, True)
-                   if torch.equal(out[i], (padded[i, :, dy:dy + 32, dx:dx + 32].flip(-1) if flip else padded[i, :, dy:dy + 32, dx:dx + 32]))]
-        assert len(matches) == 1
-        distinct.add(matches[0])
-    assert len(distinct) > 20  # drawn per image, not once per batch
-
-
-# ---------------------------------------------------------------------------------------------
-# Ranking metrics
-# ---------------------------------------------------------------------------------------------
 def test_correlations_equal_scipy():
     rng = np.random.default_rng(0)
     truth = rng.normal(size=200)
@@ -427,8 +538,23 @@ def test_precision_and_best_worst_rank_by_hand():
     assert close.ranking_metrics([1, 2, 3], [1, 2, 3])["P@top1%"] is None  # k = int(3 * 0.01) = 0
 
 
+def test_ranking_metrics_reject_nan():
+    with pytest.raises(ValueError, match="NaN in the truth"):
+        close.ranking_metrics([1.0, 2.0, 3.0], [1.0, float("nan"), 3.0])
+
+
+def test_nb201_table_has_6466_isomorphism_groups():
+    nb201_csv = shared_file("nb201_test_accuracy.csv")
+    table = nb.load(nb201_csv)
+    groups = table.group_accuracies(lambda text: close.canonical(close.str_to_arch(text)))
+    assert len(groups) == 6466 and set(groups) == set(close.unique_archs())
+    assert max(groups.values()) == pytest.approx(94.37, abs=0.005)
+    truth = close.load_ground_truth(str(nb201_csv))
+    assert {arch: truth.accuracy[arch] for arch in close.unique_archs()} == groups and truth.rank[close.str_to_arch(BEST_CIFAR10)] == 1
+
+
 # ---------------------------------------------------------------------------------------------
-# Evolutionary search
+# 7. Search
 # ---------------------------------------------------------------------------------------------
 def test_regularized_evolution_finds_the_optimum_of_a_synthetic_fitness():
     calls = []
@@ -451,26 +577,34 @@ def test_mutation_changes_exactly_the_cell():
         assert child != arch and close.canonical(child) == child
 
 
-@needs_nb201
+def test_search_does_not_start_from_the_scored_subset():
+    import random
+    first = []
+    close.regularized_evolution(lambda arch: first.append(arch) or 0.0, budget=20, population_size=20, seed=0)
+    assert first != random.Random(0).sample(close.unique_archs(), 20)  # --seed 0 and --eval-seed 0 must not coincide
+    assert len(set(first) & set(random.Random(0).sample(close.unique_archs(), 200))) < 5
+
+
 def test_regularized_evolution_on_the_nb201_table():
-    truth = close.load_ground_truth(str(NB201_CSV))
+    truth = close.load_ground_truth(str(shared_file("nb201_test_accuracy.csv")))
     best, value, _ = close.regularized_evolution(truth.accuracy.__getitem__, budget=1000, seed=0)
     assert value > 94.0 and truth.rank[best] <= 10
 
 
 # ---------------------------------------------------------------------------------------------
-# Runs: end to end, resume, bad input
+# 8. Runs: end to end, resume, outputs, bad input
 # ---------------------------------------------------------------------------------------------
-TINY = ["--data", "synthetic", "--device", "cpu", "--cells", "1", "--channels", "4", "--batch-size", "128",
-        "--eval-archs", "12", "--eval-batches", "1", "--search-budget", "16", "--population", "6", "--tournament", "3"]
-
-
 def fake_nb201_csv(path):
     """A made-up table over all 15,625 archs (not NB201's numbers): accuracy grows with conv ops."""
     table = nb.NB201([close.arch_to_str(a) for a in close.ALL_ARCHS],
                      {"cifar10": np.array([50 + 5 * sum(op in (2, 3) for op in a) + a[0] for a in close.ALL_ARCHS], dtype=float)})
     table.save_csv(path)
     return path
+
+
+def run_rows(out):
+    log = [{k: v for k, v in row.items() if k not in ("seconds", "images_per_s")} for row in csv.DictReader(open(out / "log.csv"))]
+    return log, (out / "scores.csv").read_text(), torch.load(out / "checkpoint.pt", weights_only=True)
 
 
 def test_end_to_end_run_writes_every_output(tmp_path, capsys):
@@ -519,12 +653,7 @@ def test_scoring_and_search_from_a_checkpoint_alone(tmp_path):
     assert (again / "scores.csv").read_text() == (out / "scores.csv").read_text()
 
 
-def run_rows(out):
-    log = [{k: v for k, v in row.items() if k not in ("seconds", "images_per_s")} for row in csv.DictReader(open(out / "log.csv"))]
-    return log, (out / "scores.csv").read_text(), torch.load(out / "checkpoint.pt", weights_only=True)
-
-
-@pytest.mark.parametrize("stop_at_call", [8, 11])  # 8 steps per epoch: at an epoch's end, and mid-epoch
+@pytest.mark.parametrize("stop_at_call", [2, 3])  # 2 steps per epoch: at an epoch's end, and mid-epoch
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch, stop_at_call):
     # 3 epochs and 3 blocks: epoch 2 (index 1) starts with a growth and the optimizer restart
     args = TINY + ["--epochs", "3", "--blocks", "3"]
@@ -542,9 +671,11 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch, 
     monkeypatch.setattr(close, "train_step", train_step_then_ctrl_c)
     assert close.main(args + ["--out", str(tmp_path / "resumed")]) == 130
     state = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
-    assert (state["epoch"], state["epoch_progress"]["step"] if state["epoch_progress"] else None) == (1, 0 if stop_at_call == 8 else 3)
+    assert (state["epoch"], state["epoch_progress"]["step"] if state["epoch_progress"] else None) == (1, 0 if stop_at_call == 2 else 1)
     monkeypatch.setattr(close, "train_step", real_train_step)
     assert close.main(args + ["--out", str(tmp_path / "resumed"), "--resume"]) == 0
+    seconds_before_stop = state["epoch_progress"]["seconds"]  # the stopped pass's time counts in its epoch's row
+    assert float(list(csv.DictReader(open(tmp_path / "resumed" / "log.csv")))[1]["seconds"]) >= seconds_before_stop > 0
 
     log_a, scores_a, state_a = run_rows(tmp_path / "straight")
     log_b, scores_b, state_b = run_rows(tmp_path / "resumed")
@@ -568,12 +699,52 @@ def test_scoring_resumes_from_partial_scores(tmp_path, monkeypatch):
     assert (out / "scores.csv").read_text() == complete
 
 
-def error_line(capsys, argv):
-    code = close.main(argv)
+def test_resume_and_load_take_the_runs_own_options(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = TINY + ["--epochs", "2", "--blocks", "2", "--search-budget", "0", "--train-subset", "256", "--out", str(out)]
+    assert close.main(argv) == 0
+    (out / "metrics.json").unlink()
+    assert close.main(["--resume", "--out", str(out)]) == 0  # nothing retyped: data, sizes and scoring come from the run
+    assert json.loads((out / "metrics.json").read_text())["scored_archs"] == 12
+    capsys.readouterr()
+    assert close.main(["--load", str(out / "checkpoint.pt"), "--data", "synthetic", "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "b" / "scores.csv").read_text() == (out / "scores.csv").read_text()
+    assert "supernet was trained on" not in capsys.readouterr().out
+    cfg, _ = close.settle_options(close.Config(data="/elsewhere"), {"data"}, False, str(out / "checkpoint.pt"))
+    assert cfg.channels == 4 and cfg.eval_archs == 12 and cfg.out == str(out / "rescored")
+    assert "the supernet was trained on synthetic" in capsys.readouterr().out
+    assert "--channels (4 there, 8 now)" in error_line(capsys, ["--load", str(out / "checkpoint.pt"), "--channels", "8"])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    real_train_step, calls = close.train_step, []
+
+    def poisoned_train_step(model, optimizer, images, labels, arch, grad_clip):
+        calls.append(arch)
+        loss, logits = real_train_step(model, optimizer, images, labels, arch, grad_clip)
+        return (loss * float("nan") if len(calls) == 2 + 2 else loss), logits  # epoch 2 (2 steps/epoch), step 2
+
+    monkeypatch.setattr(close, "train_step", poisoned_train_step)
+    err = error_line(capsys, TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out)])
+    assert "non-finite in epoch 2, step 2" in err and close.arch_to_str(calls[3]) in err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def test_interrupt_before_anything_is_saved_says_so(tmp_path, capsys, monkeypatch):
+    def ctrl_c(cfg):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(close, "load_dataset", ctrl_c)
+    assert close.main(TINY + ["--epochs", "1", "--blocks", "1", "--out", str(tmp_path / "run")]) == 130
     err = capsys.readouterr().err
-    assert code != 0 and "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1, err
-    return err
+    assert "nothing was saved" in err and "--resume" not in err and not (tmp_path / "run").exists()
+
+
+def test_library_callers_keep_sigterm(monkeypatch):
+    before = signal.getsignal(signal.SIGTERM)
+    with close.StopRequest():
+        assert signal.getsignal(signal.SIGTERM) is before  # so `timeout pytest` can stop a training test
+        assert signal.getsignal(signal.SIGINT) != signal.default_int_handler
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -590,6 +761,19 @@ def test_bad_input_is_one_clear_line_and_touches_nothing(tmp_path, capsys, extra
     err = error_line(capsys, TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out)] + extra)
     assert message in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--lr", "-1"], "--lr must be positive"), (["--momentum", "-0.5"], "--momentum must be in [0, 1)"),
+    (["--weight-decay", "-1"], "--weight-decay must be 0 or more"), (["--population", "0"], "--population must be positive"),
+    (["--tournament", "0"], "--tournament must be positive"), (["--grad-clip", "0"], "--grad-clip must be positive"),
+    (["--growth", "clone"], "--growth clone: choose one of perturb, copy, official"), (["--lr", "fast"], "--lr: invalid float value"),
+])
+def test_a_bad_value_fails_at_once_and_leaves_the_folder_free(tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    assert message in error_line(capsys, TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out)] + extra)
+    assert not out.exists()
+    assert close.main(TINY + ["--epochs", "1", "--blocks", "1", "--search-budget", "0", "--out", str(out)]) == 0  # the fixed command runs
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -613,6 +797,12 @@ def test_bad_nb201_file_and_bad_image_folders(tmp_path, capsys):
     assert not (tmp_path / "a").exists()
 
 
+def test_loading_a_file_that_is_not_a_checkpoint_gives_no_unsafe_advice(tmp_path, capsys):
+    (tmp_path / "README.md").write_text("# not a checkpoint")
+    err = error_line(capsys, ["--load", str(tmp_path / "README.md")])
+    assert "not a close.py checkpoint" in err and "weights_only" not in err
+
+
 def test_an_out_folder_holding_a_run_is_protected(tmp_path, capsys):
     out = tmp_path / "run"
     assert close.main(TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out), "--search-budget", "0"]) == 0
@@ -624,19 +814,38 @@ def test_an_out_folder_holding_a_run_is_protected(tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+def test_out_folder_with_the_users_files_is_never_overwritten(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "scores.csv").write_text("my own scores")
+    assert "holds scores.csv" in error_line(capsys, TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out)])
+    assert [p.name for p in out.iterdir()] == ["scores.csv"] and (out / "scores.csv").read_text() == "my own scores"
+
+
+def test_an_occupied_out_is_reported_before_the_data_is_read(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    real_train_step, calls = close.train_step, []
+    assert close.main(TINY + ["--epochs", "1", "--blocks", "1", "--search-budget", "0", "--out", str(out)]) == 0
+    monkeypatch.setattr(close, "load_dataset", lambda cfg: pytest.fail("the data was read first"))
+    assert "already holds a run" in error_line(capsys, TINY + ["--epochs", "1", "--blocks", "1", "--out", str(out)])
 
-    def poisoned_train_step(model, optimizer, images, labels, arch, grad_clip):
-        calls.append(arch)
-        loss, logits = real_train_step(model, optimizer, images, labels, arch, grad_clip)
-        return (loss * float("nan") if len(calls) == 8 + 3 else loss), logits  # epoch 2 (8 steps/epoch), step 3
 
-    monkeypatch.setattr(close, "train_step", poisoned_train_step)
-    err = error_line(capsys, TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out)])
-    assert "non-finite in epoch 2, step 3" in err and close.arch_to_str(calls[10]) in err
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+def test_default_output_folders_differ_by_data_and_size():
+    names = {close.default_out(close.Config(**options)) for options in
+             ({}, {"data": "synthetic"}, {"data": "/some/cifar10-jpg"}, {"channels": 8}, {"cells": 1}, {"epochs": 10}, {"baseline": True})}
+    assert len(names) == 7 and close.default_out(close.Config(data="synthetic", seed=3)).name == "close-synthetic-C16x5-250ep-seed3"
+
+
+def test_summary_and_compare_say_what_their_numbers_are(tmp_path, capsys):
+    nb201 = fake_nb201_csv(tmp_path / "fake.csv")
+    long_name = tmp_path / "a-run-with-a-rather-long-folder-name"
+    assert close.main(TINY + ["--epochs", "2", "--blocks", "2", "--nb201", str(nb201), "--out", str(long_name)]) == 0
+    printed = capsys.readouterr().out
+    assert f"== {long_name.name} (" in printed and "of 6,466)" in printed and "P@top/bottom K:" in printed
+    assert "ranking.png will be skipped" in printed or close.plotting_available()
+    assert close.main(["--compare", str(long_name), str(long_name)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == [long_name.name] * 2
+    assert any(line.startswith("mean one-shot") for line in table) and any(line.startswith("search rank") for line in table)
 
 
 def test_compare_prints_runs_side_by_side(tmp_path, capsys):
@@ -649,6 +858,26 @@ def test_compare_prints_runs_side_by_side(tmp_path, capsys):
     assert "kendall_tau" in table.splitlines()[1] and table.splitlines()[0].split() == ["c", "b"]
 
 
+def test_time_left_counts_slower_levels_and_scoring():
+    cfg, model = close.Config(epochs=10, blocks=5, eval_archs=100, search_budget=0, batch_size=10), close.CLOSENet(channels=4, cells=1)
+    data = close.synthetic_dataset(train=400, heldout=100)
+    training, scoring = close.time_left([{"epoch": 1, "level": 1, "seconds": 10.0}], cfg, model, data)
+    assert training == pytest.approx(10 * sum(1 + close.LEVEL_COST * (level - 1) for level in (1, 2, 2, 3, 3, 4, 4, 5, 5)))
+    assert scoring == pytest.approx(10.0 / 400 / close.SCORING_COST * 100 * 100)
+
+
+def test_progress_line_on_a_terminal(monkeypatch, capsys):
+    clock = iter(range(0, 100, 1))
+    monkeypatch.setattr(close.time, "time", lambda: float(next(clock)))
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert list(close.with_progress(range(5), "scoring")) == list(range(5))
+    printed = capsys.readouterr().out
+    assert "\rscoring: 1/5  1.0/s  0.1 min left" in printed and printed.endswith("\r\033[K")  # redrawn, then erased
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Command line, in a subprocess
+# ---------------------------------------------------------------------------------------------
 def test_cli_error_exit_code_and_benchmark_in_a_subprocess(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "close.py"), "--data", "synthetic", "--epochs", "1", "--blocks", "5",
                              "--out", str(tmp_path / "x")], capture_output=True, text=True)
@@ -661,69 +890,17 @@ def test_cli_error_exit_code_and_benchmark_in_a_subprocess(tmp_path):
     assert {"vanilla_ms_per_step", "close_level1_ratio", "close_level2_ratio", "score_ms_per_arch"} <= set(bench)
 
 
-# ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
-def write_png(path, value):
-    from PIL import Image
-    Image.fromarray(np.full((32, 32, 3), value, dtype=np.uint8)).save(path)
-
-
-def test_image_folder_split_is_shuffled_not_positional(tmp_path):
-    for label, name in enumerate(("a", "b", "c", "d", "e")):
-        folder = tmp_path / "train" / name
-        folder.mkdir(parents=True)
-        for i in range(10):
-            write_png(folder / f"{i}.png", 40 * label)
-    data = close.image_folder_dataset(tmp_path)
-    assert data.num_classes == 5 and len(data.train_labels) == 40 and len(data.heldout_labels) == 10
-    assert len(set(data.heldout_labels.tolist())) >= 3  # a positional split would hold out the last class only
-    assert all((data.train_images[i] == 40 * data.train_labels[i]).all() for i in range(40))  # labels follow images
-
-
-def test_torchvision_cifar10_is_split_by_position(monkeypatch):
-    import torchvision
-
-    class FakeCIFAR10:  # torchvision's layout: uint8 NHWC numpy images, a list of labels, random order
-        def __init__(self, root, train, download):
-            assert train and download
-            self.data = np.arange(50000 * 4, dtype=np.uint8).reshape(50000, 1, 1, 4).repeat(32, 1).repeat(32, 2)[..., :3]
-            self.targets = [i % 10 for i in range(50000)]
-
-    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
-    data = close.cifar10_dataset("unused")
-    assert data.train_images.shape == (40000, 3, 32, 32) and data.heldout_images.shape == (10000, 3, 32, 32)
-    assert data.train_labels[:3].tolist() == [0, 1, 2] and data.heldout_labels[0] == 40000 % 10
-    assert data.heldout_images[0, :, 0, 0].tolist() == [(40000 * 4 + c) % 256 for c in range(3)]  # channels first
-
-
-@needs_cifar
-def test_real_cifar10_folder(tmp_path):
-    with zipfile.ZipFile(CIFAR_ZIP) as archive:
-        members = [m for m in archive.namelist() if m.startswith("cifar10/train/") and m.endswith(".jpg")]
-        archive.extractall(tmp_path, members=[m for m in members if int(Path(m).stem) < 200])
-    data = close.image_folder_dataset(tmp_path / "cifar10")
-    assert data.num_classes == 10 and len(data.train_labels) + len(data.heldout_labels) == 2000
-    assert len(set(data.heldout_labels.tolist())) == 10
-    mean = data.train_images.float().mean((0, 2, 3)) / 255
-    assert torch.allclose(mean, torch.tensor(close.CIFAR10_MEAN), atol=0.03)
-
-
-@needs_nb201
-def test_nb201_table_has_6466_isomorphism_groups():
-    table = nb.load(NB201_CSV)
-    groups = table.group_accuracies(lambda text: close.canonical(close.str_to_arch(text)))
-    assert len(groups) == 6466 and set(groups) == set(close.unique_archs())
-    assert max(groups.values()) == pytest.approx(94.37, abs=0.005)
-    truth = close.load_ground_truth(str(NB201_CSV))
-    assert {arch: truth.accuracy[arch] for arch in close.unique_archs()} == groups and truth.rank[close.str_to_arch(BEST_CIFAR10)] == 1
+def test_close_py_alone_asks_for_nb201_api_slim(tmp_path):
+    shutil.copy(ROOT / "close.py", tmp_path / "close.py")
+    result = subprocess.run([sys.executable, "close.py", "--data", "synthetic", "--nb201", "x.csv", "--out", "run"],
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2 and "nb201_api_slim.py" in result.stderr and "Traceback" not in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------
 # nb201_api_slim: tiny fixtures in each official layout, CSV round trips, errors, the real table
 # ---------------------------------------------------------------------------------------------
 NB201_MODULE = Path(nb.__file__).resolve()
-NB201_SHARED_CSV = Path(__file__).resolve().parent.parent / "shared" / "data" / "nb201_test_accuracy.csv"
 
 # Five cells written out by hand (not generated by the module under test).
 NB201_ARCHS = [
@@ -1090,9 +1267,7 @@ def test_nb201_broken_inputs_fail_with_message_naming_the_path(tmp_path):
 
 @pytest.fixture(scope="module")
 def nb201_real():
-    if not NB201_SHARED_CSV.is_file():
-        pytest.skip(f"{NB201_SHARED_CSV} not present")
-    return nb.load(NB201_SHARED_CSV)
+    return nb.load(shared_file("nb201_test_accuracy.csv"))
 
 
 def test_nb201_real_csv_known_facts(nb201_real):
@@ -1122,4 +1297,4 @@ def test_nb201_real_csv_index_string_tuple_round_trip(nb201_real):
 def test_nb201_real_csv_is_rewritten_byte_for_byte(nb201_real, tmp_path):
     out = tmp_path / "copy.csv"
     nb201_real.save_csv(out)
-    assert out.read_bytes() == NB201_SHARED_CSV.read_bytes()
+    assert out.read_bytes() == shared_file("nb201_test_accuracy.csv").read_bytes()
