@@ -31,6 +31,7 @@ import random
 import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -745,6 +746,18 @@ def train(model, data, cfg, state, stop=None, epoch_done=lambda finished: None):
 # ----------------------------------------------------------------------------------------------
 # 6. Evaluation: one-shot scores, the GATE's health, ranking metrics
 # ----------------------------------------------------------------------------------------------
+def heldout_set(data, cfg):
+    """The held-out images that score architectures (the first --eval-batches batches), normalised once."""
+    count = min(len(data.heldout_labels), cfg.eval_batches * cfg.batch_size or len(data.heldout_labels))
+    return normalize(data.heldout_images[:count]).contiguous(memory_format=MEMORY_FORMAT), data.heldout_labels[:count]
+
+
+def archs_to_score(cfg, chosen=()):
+    """The given archs, or the unique archs (a subset seeded by --eval-seed: every run scores the same ones)."""
+    archs = chosen or unique_archs()
+    return tuple(random.Random(cfg.eval_seed).sample(archs, cfg.eval_archs)) if not chosen and 0 < cfg.eval_archs < len(archs) else archs
+
+
 @torch.no_grad()
 def score_arch(model, arch, images, labels, batch_size, assignment=None):
     """One-shot accuracy (%) and loss of arch on held-out data: dropout off, BN on batch statistics
@@ -959,11 +972,8 @@ class StopRequest:
     there, stop. A second Ctrl-C aborts at once (the previous checkpoint stays)."""
 
     def __enter__(self):
-        self.requested, self.previous = False, {}
-        try:
-            self.previous = {sig: signal.signal(sig, self.request) for sig in STOP_SIGNALS}
-        except ValueError:  # not the main thread: no signal handling
-            pass
+        self.requested, main_thread = False, threading.current_thread() is threading.main_thread()
+        self.previous = {sig: signal.signal(sig, self.request) for sig in STOP_SIGNALS} if main_thread else {}
         return self
 
     def request(self, signum, frame):
@@ -978,18 +988,15 @@ class StopRequest:
 
 
 def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     except RuntimeError:
         raise UsageError(f"--device {name}: unknown device (use cpu, cuda, cuda:N or auto)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name}: only cpu and cuda are supported")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    problem = ("only cpu and cuda are supported" if device.type not in ("cpu", "cuda") else
+               f"CUDA is not available here (torch {torch.__version__}); use --device cpu" if device.type == "cuda" and not torch.cuda.is_available() else
+               f"this machine has {torch.cuda.device_count()} CUDA device(s)" if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count() else "")
+    if problem:
+        raise UsageError(f"--device {name}: {problem}")
     return device
 
 
@@ -1151,12 +1158,6 @@ def fit(model, data, cfg, out):
     return log
 
 
-def heldout_set(data, cfg):
-    """The held-out images (the first --eval-batches batches), normalised once, kept on the device."""
-    count = min(len(data.heldout_labels), cfg.eval_batches * cfg.batch_size or len(data.heldout_labels))
-    return normalize(data.heldout_images[:count]).contiguous(memory_format=MEMORY_FORMAT), data.heldout_labels[:count]
-
-
 SCORE_FIELDS = ("arch", "oneshot_accuracy", "oneshot_loss", "nb201_accuracy")
 
 
@@ -1233,9 +1234,7 @@ def run(cfg, resume=False, load="", arch_strings=(), given=()):
 def score_rank_search(model, data, cfg, out, chosen_archs, truth, times, log):
     """Score the archs on the held-out split, rank them against NB201, search with the supernet, report."""
     started, (images, labels) = time.time(), heldout_set(data, cfg)
-    archs = chosen_archs or unique_archs()
-    if not chosen_archs and cfg.eval_archs and cfg.eval_archs < len(archs):
-        archs = tuple(random.Random(cfg.eval_seed).sample(archs, cfg.eval_archs))
+    archs = archs_to_score(cfg, chosen_archs)
     scores = score_archs(model, images, labels, cfg, archs, out / "scores.csv")
     times["score_s"] = time.time() - started
     write_csv(out / "scores.csv", SCORE_FIELDS, [[arch_to_str(a), *scores[a], truth.accuracy[a] if truth else ""] for a in archs])
@@ -1334,11 +1333,13 @@ def plot_run(out):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     rows = list(csv.DictReader(open(out / "scores.csv")))
     log = list(csv.DictReader(open(out / "log.csv"))) if (out / "log.csv").exists() else []
     metrics = json.loads((out / "metrics.json").read_text())
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    figure.suptitle(f"{out.name}: {'vanilla supernet' if 'vanilla' in out.name else 'CLOSE'}, {len(rows)} archs scored")
+    baseline = json.loads((out / "config.json").read_text())["baseline"]
+    figure.suptitle(f"{out.name}: {'the vanilla supernet' if baseline else 'CLOSE'}, {len(rows)} archs scored")
     oneshot, size = [float(r["oneshot_accuracy"]) for r in rows], min(30, max(4, 3000 / len(rows)))
     if metrics["ranking"]:
         left.scatter([float(r["nb201_accuracy"]) for r in rows], oneshot, s=size, alpha=0.5)
@@ -1355,6 +1356,8 @@ def plot_run(out):
         level = right.twinx()  # level during each epoch: a step from epoch-1 to epoch, the last one included
         level.stairs([int(row["level"]) for row in log], [0] + epochs, color="gray", linestyle="--")
         level.set_ylim(0, max(int(row["level"]) for row in log) + 0.5)
+        for axis in (right.xaxis, level.yaxis):
+            axis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         level.set_ylabel("curriculum level (active blocks, dashed)")
     figure.tight_layout()
     figure.savefig(out / "ranking.png", dpi=120)
