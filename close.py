@@ -813,7 +813,7 @@ def describe_gate(health):
     """gate_health in words; '' when no GATE is at work (vanilla, level 1)."""
     if health["spread"] is None:
         return ""
-    verdict = (" BLIND: the routing ignores the architecture" if health["spread"] < 1e-3 else
+    verdict = (" BLIND: the routing barely depends on the architecture" if health["spread"] < 0.05 else
                " COLLAPSED: one block takes every edge" if health["off_dominant"] < 0.01 else "")
     return (f"GATE spread {health['spread']:.2g}, {100 * health['off_dominant']:.0f}% off the main block, "
             f"entropy {health['entropy']:.2f}{verdict}")
@@ -1259,25 +1259,18 @@ def score_rank_search(model, data, cfg, out, chosen_archs, truth, times, log):
 
 
 def print_summary(out, results, log):
-    print(f"\n== {results['run']} ({out}) ==")
-    print("wall time: " + ", ".join(f"{key[:-2]} {minutes(value)}" for key, value in results["times"].items()))
+    print(f"\n== {results['run']} ({out}) ==\nwall time: " + ", ".join(f"{key[:-2]} {minutes(value)}" for key, value in results["times"].items()))
     if log:
         print(f"last epoch: loss {log[-1]['loss']:.4f}, train accuracy {100 * log[-1]['accuracy']:.1f}%, level {log[-1]['level']}")
     print(f"mean one-shot accuracy {results['mean_oneshot_accuracy']:.1f}% over {results['scored_archs']} archs")
     if results["gate"]["spread"] is not None:
         usage = results["scoring_edges_per_block"]
         print(f"{describe_gate(results['gate'])}\nat scoring, the scored archs' routed edges per block: {usage}" +
-              (f" (all on block {np.argmax(usage)}: a fully shared supernet)" if max(usage) == sum(usage) else ""))
+              (f" (all on block {np.argmax(usage)}: scored as a fully shared supernet)" if max(usage) == sum(usage) else ""))
     sibling = out.parent / out.name.replace(*(("close", "vanilla") if "close" in out.name else ("vanilla", "close")))
-    runs = [results] + ([{**json.loads((sibling / "metrics.json").read_text()), "run": sibling.name}]
-                        if sibling != out and (sibling / "metrics.json").exists() else [])
-    if results["ranking"]:
-        print_metrics_table(runs)
-    else:
-        print("ranking metrics: none (pass --nb201 FILE to compare against NAS-Bench-201)")
-    print("top-5 by one-shot accuracy:")
-    for row in results["top5"]:
-        print(f"  {row['oneshot_accuracy']:5.1f}%  {row['arch']}{nb201_words(row)}")
+    has_sibling = sibling != out and (sibling / "metrics.json").exists()
+    print_metrics_table([results] + [{**json.loads((sibling / "metrics.json").read_text()), "run": sibling.name}] * has_sibling)
+    print("top-5 by one-shot accuracy:\n" + "\n".join(f"  {row['oneshot_accuracy']:5.1f}%  {row['arch']}{nb201_words(row)}" for row in results["top5"]))
     if results["search"]:
         best = results["search"]["best"]
         print(f"search ({results['search']['budget']} evaluations): {best['arch']}  one-shot {best['oneshot_accuracy']:.1f}%{nb201_words(best)}")
@@ -1291,31 +1284,30 @@ SUMMARY_METRICS = ("kendall_tau", "spearman", "pearson", "P@top1%", "P@top5%", "
 
 
 def print_metrics_table(runs):
-    def rank(r):
-        return r["search"]["best"].get("nb201_rank") if r.get("search") else None
-    rows = [(name, [r["ranking"].get(name) if r.get("ranking") else None for r in runs]) for name in SUMMARY_METRICS] + [
+    """Runs side by side: ranking metrics, mean one-shot accuracy, the search result, times."""
+    if not runs[0]["ranking"]:
+        print("ranking metrics: none (pass --nb201 FILE to compare against NAS-Bench-201)")
+    best = [r["search"]["best"] if r.get("search") and "nb201_rank" in r["search"]["best"] else None for r in runs]
+    rows = [(name, [r["ranking"].get(name) if r.get("ranking") else None for r in runs]) for name in SUMMARY_METRICS * bool(runs[0]["ranking"])] + [
         ("mean one-shot", [f"{r['mean_oneshot_accuracy']:.1f}%" for r in runs]),
-        ("search NB201", [f"{r['search']['best']['nb201_accuracy']:.2f}%" if rank(r) else None for r in runs]),
-        ("search rank", [f"{rank(r):,}/6,466" if rank(r) else None for r in runs]),
+        ("search NB201", [b and f"{b['nb201_accuracy']:.2f}%" for b in best]), ("search rank", [b and f"{b['nb201_rank']:,}/6,466" for b in best]),
         ("train, score", [f"{minutes(r['times']['train_s'])}, {minutes(r['times']['score_s'])}" for r in runs])]
     width = max(16, *(len(r["run"]) + 2 for r in runs))
     print(f"{'':14s}" + "".join(f"{r['run']:>{width}s}" for r in runs))
     for name, cells in rows:
         print(f"{name:14s}" + "".join(f"{'-' if v is None else (f'{v:.3f}' if isinstance(v, float) else str(v)):>{width}s}" for v in cells))
-    n = runs[0]["ranking"]["n"] if runs[0].get("ranking") else 0
-    print(f"(P@top/bottom K: share of the predicted top/bottom K% of the {n:,} scored archs that truly are; BR/WR@5%: the best/worst "
-          f"true rank, among those {n:,}, of the predicted top 5%; '-': K% of them is under one arch, or no search)")
+    if runs[0]["ranking"]:
+        n = runs[0]["ranking"]["n"]
+        print(f"(P@top/bottom K: share of the predicted top/bottom K% of the {n:,} scored archs that truly are; BR/WR@5%: the best/worst "
+              f"true rank, among those {n:,}, of the predicted top 5%; '-': K% of them is under one arch, or no search)")
 
 
 def compare(run_folders):
     """--compare A B ...: finished runs side by side."""
-    runs = []
-    for folder in run_folders:
-        path = Path(folder) / "metrics.json"
-        if not path.exists():
-            raise UsageError(f"--compare: {path} does not exist (is {folder} a finished run?)")
-        runs.append({**json.loads(path.read_text()), "run": Path(folder).name})
-    print_metrics_table(runs)
+    missing = [folder for folder in run_folders if not (Path(folder) / "metrics.json").exists()]
+    if missing:
+        raise UsageError(f"--compare: {Path(missing[0]) / 'metrics.json'} does not exist (is {missing[0]} a finished run?)")
+    print_metrics_table([{**json.loads((Path(folder) / "metrics.json").read_text()), "run": Path(folder).name} for folder in run_folders])
 
 
 def plotting_available():
@@ -1325,7 +1317,7 @@ def plotting_available():
 
 def plot_run(out):
     """ranking.png from a run folder's files: one-shot vs NB201 accuracy, and the training curves.
-    matplotlib is optional: without it, nothing is drawn (the run said so when it started)."""
+    matplotlib is optional: without it nothing is drawn (the run said so when it started)."""
     if not (out / "metrics.json").exists():
         raise UsageError(f"--plot {out}: not a finished run (no metrics.json)")
     if not plotting_available():
@@ -1333,32 +1325,28 @@ def plot_run(out):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
-    rows = list(csv.DictReader(open(out / "scores.csv")))
+    from matplotlib.ticker import MaxNLocator
+    rows, ranking = list(csv.DictReader(open(out / "scores.csv"))), json.loads((out / "metrics.json").read_text())["ranking"]
     log = list(csv.DictReader(open(out / "log.csv"))) if (out / "log.csv").exists() else []
-    metrics = json.loads((out / "metrics.json").read_text())
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     baseline = json.loads((out / "config.json").read_text())["baseline"]
     figure.suptitle(f"{out.name}: {'the vanilla supernet' if baseline else 'CLOSE'}, {len(rows)} archs scored")
-    oneshot, size = [float(r["oneshot_accuracy"]) for r in rows], min(30, max(4, 3000 / len(rows)))
-    if metrics["ranking"]:
-        left.scatter([float(r["nb201_accuracy"]) for r in rows], oneshot, s=size, alpha=0.5)
-        left.set_xlabel("NB201 CIFAR-10 test accuracy (%)")
-        left.set_title(f"Kendall tau {metrics['ranking']['kendall_tau']:.3f}")
+    oneshot = [float(r["oneshot_accuracy"]) for r in rows]
+    if ranking:
+        left.scatter([float(r["nb201_accuracy"]) for r in rows], oneshot, s=min(30, max(4, 3000 / len(rows))), alpha=0.5)
+        left.set(xlabel="NB201 CIFAR-10 test accuracy (%)", title=f"Kendall tau {ranking['kendall_tau']:.3f}")
     else:
         left.hist(oneshot, bins=min(50, len(rows)))
-        left.set_xlabel("one-shot accuracy (%)")
-    left.set_ylabel("one-shot accuracy (%)")
+    left.set(ylabel="one-shot accuracy (%)") if ranking else left.set(xlabel="one-shot accuracy (%)", ylabel="archs")
     if log:
-        epochs = [int(row["epoch"]) for row in log]
-        right.plot(epochs, [float(row["loss"]) for row in log], "o-", label="train loss")
+        epochs, levels = [int(row["epoch"]) for row in log], [int(row["level"]) for row in log]
+        right.plot(epochs, [float(row["loss"]) for row in log], "o-")
         right.set(xlabel="epoch", ylabel="train loss", title="training")
-        level = right.twinx()  # level during each epoch: a step from epoch-1 to epoch, the last one included
-        level.stairs([int(row["level"]) for row in log], [0] + epochs, color="gray", linestyle="--")
-        level.set_ylim(0, max(int(row["level"]) for row in log) + 0.5)
+        level = right.twinx()  # each epoch's level as a step from epoch-1 to epoch, the last one included
+        level.stairs(levels, [0] + epochs, color="gray", linestyle="--")
+        level.set(ylim=(0, max(levels) + 0.5), ylabel="curriculum level (active blocks, dashed)")
         for axis in (right.xaxis, level.yaxis):
-            axis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        level.set_ylabel("curriculum level (active blocks, dashed)")
+            axis.set_major_locator(MaxNLocator(integer=True))
     figure.tight_layout()
     figure.savefig(out / "ranking.png", dpi=120)
     plt.close(figure)
