@@ -715,11 +715,26 @@ def train_epoch(model, optimizer, data, cfg, progress, stop=None):
 
 @dataclass
 class TrainingState:
-    """Everything the schedule changes as it goes (a checkpoint stores it, with the model)."""
+    """Everything the schedule changes as it goes. With the model's weights (and level), its state_dict()
+    is all an exact resume needs: torch's generators are the only ones training draws from."""
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
     epoch: int = 0                        # epochs finished
     epoch_progress: EpochProgress | None = None  # the pass under way, when a stop interrupted it
+
+    def state_dict(self):
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
+                "epoch_progress": vars(self.epoch_progress) if self.epoch_progress else None,
+                "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, progress = state["epoch"], state["epoch_progress"]
+        self.epoch_progress = EpochProgress(**progress) if progress else None
+        torch.set_rng_state(state["rng"]["cpu"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
 
 def train(model, data, cfg, state, stop=None, epoch_done=lambda finished: None):
@@ -1083,12 +1098,8 @@ def write_csv(path, header, rows):
 
 
 def save_checkpoint(path, cfg, model, state, log):
-    """Everything an exact resume needs: weights and level, optimizer, scheduler, torch's RNGs (the only
-    ones training draws from), log, and the pass a stop interrupted. The previous file stays until this one is complete."""
-    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    checkpoint = {"config": asdict(cfg), "epoch": state.epoch, "model": model.state_dict(), "optimizer": state.optimizer.state_dict(),
-                  "scheduler": state.scheduler.state_dict(), "rng": rng, "log": log,
-                  "epoch_progress": vars(state.epoch_progress) if state.epoch_progress else None}
+    """Weights, training state and log; the previous file stays until this one is complete."""
+    checkpoint = {"config": asdict(cfg), "model": model.state_dict(), "log": log, **state.state_dict()}
     write_atomic(path, lambda temporary: torch.save(checkpoint, temporary))
 
 
@@ -1121,13 +1132,8 @@ def fit(model, data, cfg, out):
     if (out / "checkpoint.pt").exists():
         saved = load_checkpoint(out / "checkpoint.pt", data.train_images.device)
         model.load_state_dict(saved["model"])
-        state.optimizer.load_state_dict(saved["optimizer"])
-        state.scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["rng"]["cpu"])
-        if saved["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-        state.epoch, log = saved["epoch"], saved["log"]
-        state.epoch_progress = EpochProgress(**saved["epoch_progress"]) if saved["epoch_progress"] else None
+        state.load_state_dict(saved)
+        log = saved["log"]
         print(f"resumed {out} after epoch {state.epoch}" + (f", step {state.epoch_progress.step}" if state.epoch_progress else "") +
               f" (level {model.level})")
 
@@ -1162,15 +1168,10 @@ SCORE_FIELDS = ("arch", "oneshot_accuracy", "oneshot_loss", "nb201_accuracy")
 
 
 def read_scores(path):
-    scores = {}
-    if path.exists():
-        with open(path, newline="") as file:
-            for row in csv.DictReader(file):
-                try:
-                    scores[str_to_arch(row["arch"])] = (float(row["oneshot_accuracy"]), float(row["oneshot_loss"]))
-                except (TypeError, ValueError, KeyError):
-                    continue  # a row cut short by a kill is scored again
-    return scores
+    """arch -> (one-shot accuracy, loss) from a scores file; a last line that a kill cut short is left out."""
+    text = path.read_text() if path.exists() else ""
+    lines = text.splitlines()[1:len(text.splitlines()) - (not text.endswith("\n"))]
+    return {str_to_arch(arch): (float(accuracy), float(loss)) for arch, accuracy, loss, *_ in csv.reader(lines)}
 
 
 def score_archs(model, images, labels, cfg, archs, path):
@@ -1357,14 +1358,13 @@ def benchmark(cfg, steps):
     """ms per training step, vanilla (channels_last and NCHW) vs CLOSENet at every level, on the same
     archs and batch; ms per architecture scored; images/s. Printed and written to <out>/benchmark.json."""
     device = resolve_device(cfg.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     torch.manual_seed(cfg.seed)
     archs = random.Random(0).sample([a for a in unique_archs() if routed_edges(a)], 8)
     data = synthetic_dataset(train=cfg.batch_size, heldout=cfg.batch_size * max(1, cfg.eval_batches or 4), seed=cfg.seed).to(device)
     results = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": cfg.batch_size,
                "channels": cfg.channels, "cells": cfg.cells, "steps": steps, "archs": [arch_to_str(a) for a in archs]}
     print(f"{device}, batch {cfg.batch_size}, C={cfg.channels}, {cfg.cells} cells/stage, {steps} steps on {len(archs)} archs")
-
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
     def ms_per(call, repeats):
         call(0)  # warm-up: allocator, cuDNN autotuning
@@ -1375,10 +1375,10 @@ def benchmark(cfg, steps):
         sync()
         return 1000 * (time.perf_counter() - started) / repeats
 
-    model = CLOSENet(cfg.channels, cfg.cells, cfg.blocks).to(device, memory_format=MEMORY_FORMAT)
-    configurations = [("vanilla", CLOSENet(cfg.channels, cfg.cells, baseline=True), MEMORY_FORMAT),
-                      ("vanilla_nchw", CLOSENet(cfg.channels, cfg.cells, baseline=True), torch.contiguous_format)]
-    for key, net, layout in configurations + [(f"close_level{level}", model, MEMORY_FORMAT) for level in range(1, cfg.blocks + 1)]:
+    model = CLOSENet(cfg.channels, cfg.cells, cfg.blocks)
+    runs = [("vanilla", CLOSENet(cfg.channels, cfg.cells, baseline=True), MEMORY_FORMAT),
+            ("vanilla_nchw", CLOSENet(cfg.channels, cfg.cells, baseline=True), torch.contiguous_format)]
+    for key, net, layout in runs + [(f"close_level{level}", model, MEMORY_FORMAT) for level in range(1, cfg.blocks + 1)]:
         while net is model and model.level < int(key[len("close_level"):]):
             add_glow_block(model)
         optimizer, _ = make_optimizer(net.to(device, memory_format=layout), cfg)
@@ -1387,12 +1387,11 @@ def benchmark(cfg, steps):
         results[f"{key}_ratio"] = ms / results["vanilla_ms_per_step"]
         print(f"{key:14s}{ms:8.1f} ms/step   {results[f'{key}_ratio']:.2f}x")
     heldout = normalize(data.heldout_images).contiguous(memory_format=MEMORY_FORMAT)
-    results["score_ms_per_arch"] = ms_per(lambda i: score_arch(model, archs[i], heldout, data.heldout_labels, cfg.batch_size), len(archs))
-    results["score_images_per_s"] = 1000 * len(data.heldout_labels) / results["score_ms_per_arch"]
-    for key in ("vanilla", f"close_level{cfg.blocks}"):
-        results[f"train_images_per_s_{key}"] = 1000 * cfg.batch_size / results[f"{key}_ms_per_step"]
-    print(f"scoring: {results['score_ms_per_arch']:.1f} ms per arch on {len(data.heldout_labels)} images "
-          f"({results['score_images_per_s']:,.0f} img/s); training {results['train_images_per_s_vanilla']:,.0f} img/s vanilla")
+    results["score_ms_per_arch"] = ms = ms_per(lambda i: score_arch(model, archs[i], heldout, data.heldout_labels, cfg.batch_size), len(archs))
+    results["score_images_per_s"] = 1000 * len(data.heldout_labels) / ms
+    results.update({f"train_images_per_s_{key}": 1000 * cfg.batch_size / results[f"{key}_ms_per_step"] for key in ("vanilla", f"close_level{cfg.blocks}")})
+    print(f"scoring: {ms:.1f} ms per arch on {len(data.heldout_labels)} images ({results['score_images_per_s']:,.0f} img/s); "
+          f"training {results['train_images_per_s_vanilla']:,.0f} img/s vanilla")
     (out := Path(cfg.out or "runs")).mkdir(parents=True, exist_ok=True)
     write_text(out / "benchmark.json", json.dumps(results, indent=2))
     print(f"written to {out / 'benchmark.json'}")
