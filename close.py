@@ -1070,12 +1070,11 @@ def claim_out(cfg, resume):
     """The output folder, checked before any slow work; nothing is written yet. It never holds another
     run (unless resumed) nor files of the user's that the run would overwrite."""
     out = Path(cfg.out or default_out(cfg))
-    if (out / "config.json").exists():
-        if not resume:
-            raise UsageError(f"--out {out} already holds a run: add --resume to continue it, or choose another --out")
-    elif any((out / name).exists() for name in OUTPUT_FILES):
-        taken = ", ".join(name for name in OUTPUT_FILES if (out / name).exists())
-        raise UsageError(f"--out {out} holds {taken}, which this run would overwrite: choose another --out")
+    taken = [name for name in OUTPUT_FILES if (out / name).exists()]
+    if "config.json" in taken and not resume:
+        raise UsageError(f"--out {out} already holds a run: add --resume to continue it, or choose another --out")
+    if taken and "config.json" not in taken:
+        raise UsageError(f"--out {out} holds {', '.join(taken)}, which this run would overwrite: choose another --out")
     return out
 
 
@@ -1414,12 +1413,9 @@ def parse_args(argv=None):
         epilog="Outputs in --out: config.json, log.csv, checkpoint.pt, scores.csv, metrics.json, search.json, ranking.png. "
                "NB201 files other than the compact CSV are pickles: loading one runs code from it, so use only files you trust.")
     for option in fields(Config):
-        flag = "--" + option.name.replace("_", "-")
-        if isinstance(option.default, bool):
-            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=option.metadata["help"])
-        else:
-            shown = f" (default: {option.default})" if option.default != "" else ""
-            parser.add_argument(flag, type=type(option.default), default=argparse.SUPPRESS, help=option.metadata["help"] + shown)
+        flag, shown = "--" + option.name.replace("_", "-"), f" (default: {option.default})" if option.default not in ("", False) else ""
+        kind = {"action": "store_true"} if isinstance(option.default, bool) else {"type": type(option.default)}
+        parser.add_argument(flag, default=argparse.SUPPRESS, help=option.metadata["help"] + shown, **kind)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped, with its options")
     parser.add_argument("--load", default="", metavar="CKPT", help="skip training: score and search the supernet in this checkpoint")
     parser.add_argument("--arch", action="append", default=[], metavar="ARCH",
@@ -1438,13 +1434,12 @@ def main(argv=None):
         cfg, args, given = parse_args(argv)
         if args.compare:
             compare(args.compare)
-        elif args.plot:
-            if not plot_run(Path(args.plot)):
-                raise UsageError("--plot needs matplotlib: pip install matplotlib")
+        elif args.plot and not plot_run(Path(args.plot)):
+            raise UsageError("--plot needs matplotlib: pip install matplotlib")
         elif args.benchmark:
             check_config(cfg)
             benchmark(cfg, args.benchmark_steps)
-        else:
+        elif not args.plot:
             run(cfg, args.resume, args.load, args.arch, given)
     except UsageError as error:
         print(f"close.py: error: {error}", file=sys.stderr)
