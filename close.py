@@ -1046,7 +1046,7 @@ def settle_options(cfg, given, resume, load):
     options and, for --load, the checkpoint."""
     if load:
         checkpoint = load_checkpoint(load)
-        saved, fixed = checkpoint["config"], MODEL_OPTIONS
+        saved, fixed = {"gate_norm": "none", **checkpoint["config"]}, MODEL_OPTIONS  # older checkpoints: no LayerNorm
     elif resume:
         out = Path(cfg.out or default_out(cfg))
         if not (out / "config.json").exists():
