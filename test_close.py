@@ -842,6 +842,12 @@ def test_summary_and_compare_say_what_their_numbers_are(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"== {long_name.name} (" in printed and "of 6,466)" in printed and "P@top/bottom K:" in printed
     assert "ranking.png will be skipped" in printed or close.plotting_available()
+    if close.plotting_available():  # ranking.png can be drawn again from the finished folder
+        (long_name / "ranking.png").unlink()
+        assert close.main(["--plot", str(long_name)]) == 0 and (long_name / "ranking.png").exists()
+    else:
+        assert "--plot needs matplotlib: pip install matplotlib" in error_line(capsys, ["--plot", str(long_name)])
+    capsys.readouterr()
     assert close.main(["--compare", str(long_name), str(long_name)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == [long_name.name] * 2
