@@ -1292,10 +1292,10 @@ def print_metrics_table(runs):
         ("mean one-shot", [f"{r['mean_oneshot_accuracy']:.1f}%" for r in runs]),
         ("search NB201", [b and f"{b['nb201_accuracy']:.2f}%" for b in best]), ("search rank", [b and f"{b['nb201_rank']:,}/6,466" for b in best]),
         ("train, score", [f"{minutes(r['times']['train_s'])}, {minutes(r['times']['score_s'])}" for r in runs])]
-    width = max(16, *(len(r["run"]) + 2 for r in runs))
-    print(f"{'':14s}" + "".join(f"{r['run']:>{width}s}" for r in runs))
-    for name, cells in rows:
-        print(f"{name:14s}" + "".join(f"{'-' if v is None else (f'{v:.3f}' if isinstance(v, float) else str(v)):>{width}s}" for v in cells))
+    rows = [(name, ["-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v) for v in cells]) for name, cells in rows]
+    width = 2 + max(len(text) for text in [r["run"] for r in runs] + [cell for _, cells in rows for cell in cells])
+    for name, cells in [("", [r["run"] for r in runs])] + rows:
+        print(f"{name:14s}" + "".join(f"{cell:>{width}s}" for cell in cells))
     if runs[0]["ranking"]:
         n = runs[0]["ranking"]["n"]
         print(f"(P@top/bottom K: share of the predicted top/bottom K% of the {n:,} scored archs that truly are; BR/WR@5%: the best/worst "
