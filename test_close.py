@@ -25,6 +25,9 @@ import torch.nn.functional as F
 import close
 import nb201_api_slim as nb
 
+# The models here are tiny: a second thread saves nothing and, on a busy machine, waits for a core
+# (the suite took 4x longer with 2 threads beside other jobs).
+torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 BEST_CIFAR10 = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_3x3~1|nor_conv_1x1~2|"
@@ -884,13 +887,16 @@ def test_progress_line_on_a_terminal(monkeypatch, capsys):
 # ---------------------------------------------------------------------------------------------
 # 9. Command line, in a subprocess
 # ---------------------------------------------------------------------------------------------
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # as torch.set_num_threads(1) above, for a child process
+
+
 def test_cli_error_exit_code_and_benchmark_in_a_subprocess(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "close.py"), "--data", "synthetic", "--epochs", "1", "--blocks", "5",
-                             "--out", str(tmp_path / "x")], capture_output=True, text=True)
+                             "--out", str(tmp_path / "x")], capture_output=True, text=True, env=ONE_THREAD)
     assert result.returncode == 2 and result.stderr.startswith("close.py: error:") and "Traceback" not in result.stderr
     result = subprocess.run([sys.executable, str(ROOT / "close.py"), "--benchmark", "--device", "cpu", "--cells", "1", "--channels", "4",
                              "--blocks", "2", "--batch-size", "8", "--eval-batches", "1", "--benchmark-steps", "1", "--out", str(tmp_path)],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, env=ONE_THREAD)
     assert result.returncode == 0, result.stderr
     bench = json.loads((tmp_path / "benchmark.json").read_text())
     assert {"vanilla_ms_per_step", "close_level1_ratio", "close_level2_ratio", "score_ms_per_arch"} <= set(bench)
@@ -899,7 +905,7 @@ def test_cli_error_exit_code_and_benchmark_in_a_subprocess(tmp_path):
 def test_close_py_alone_asks_for_nb201_api_slim(tmp_path):
     shutil.copy(ROOT / "close.py", tmp_path / "close.py")
     result = subprocess.run([sys.executable, "close.py", "--data", "synthetic", "--nb201", "x.csv", "--out", "run"],
-                            cwd=tmp_path, capture_output=True, text=True)
+                            cwd=tmp_path, capture_output=True, text=True, env=ONE_THREAD)
     assert result.returncode == 2 and "nb201_api_slim.py" in result.stderr and "Traceback" not in result.stderr
 
 
