@@ -1268,8 +1268,8 @@ def print_summary(out, results, log):
         print(f"{describe_gate(results['gate'])}\nat scoring, the scored archs' routed edges per block: {usage}" +
               (f" (all on block {np.argmax(usage)}: scored as a fully shared supernet)" if max(usage) == sum(usage) else ""))
     sibling = out.parent / out.name.replace(*(("close", "vanilla") if "close" in out.name else ("vanilla", "close")))
-    has_sibling = sibling != out and (sibling / "metrics.json").exists()
-    print_metrics_table([results] + [{**json.loads((sibling / "metrics.json").read_text()), "run": sibling.name}] * has_sibling)
+    siblings = [sibling] if sibling != out and (sibling / "metrics.json").exists() else []
+    print_metrics_table([results] + [{**json.loads((s / "metrics.json").read_text()), "run": s.name} for s in siblings])
     print("top-5 by one-shot accuracy:\n" + "\n".join(f"  {row['oneshot_accuracy']:5.1f}%  {row['arch']}{nb201_words(row)}" for row in results["top5"]))
     if results["search"]:
         best = results["search"]["best"]

@@ -859,12 +859,13 @@ def test_summary_and_compare_say_what_their_numbers_are(tmp_path, capsys):
 
 def test_compare_prints_runs_side_by_side(tmp_path, capsys):
     nb201 = fake_nb201_csv(tmp_path / "fake.csv")
-    for flag in ([], ["--baseline"]):
-        assert close.main(TINY + ["--epochs", "2", "--blocks", "2", "--nb201", str(nb201), "--out", str(tmp_path / ("b" if flag else "c"))] + flag) == 0
-    capsys.readouterr()
-    assert close.main(["--compare", str(tmp_path / "c"), str(tmp_path / "b")]) == 0
+    for flag, name in (([], "close-x"), (["--baseline"], "vanilla-x")):  # the first has no sibling yet, the second has
+        assert close.main(TINY + ["--epochs", "2", "--blocks", "2", "--nb201", str(nb201), "--out", str(tmp_path / name)] + flag) == 0
+    summary = capsys.readouterr().out.split("== vanilla-x (")[1].splitlines()
+    assert ["vanilla-x", "close-x"] in [line.split() for line in summary]  # the summary shows its sibling beside it
+    assert close.main(["--compare", str(tmp_path / "close-x"), str(tmp_path / "vanilla-x")]) == 0
     table = capsys.readouterr().out
-    assert "kendall_tau" in table.splitlines()[1] and table.splitlines()[0].split() == ["c", "b"]
+    assert "kendall_tau" in table.splitlines()[1] and table.splitlines()[0].split() == ["close-x", "vanilla-x"]
 
 
 def test_time_left_counts_slower_levels_and_scoring():
