@@ -1436,12 +1436,13 @@ def main(argv=None):
         cfg, args, given = parse_args(argv)
         if args.compare:
             compare(args.compare)
-        elif args.plot and not plot_run(Path(args.plot)):
-            raise UsageError("--plot needs matplotlib: pip install matplotlib")
+        elif args.plot:
+            if not plot_run(Path(args.plot)):
+                raise UsageError("--plot needs matplotlib: pip install matplotlib")
         elif args.benchmark:
             check_config(cfg)
             benchmark(cfg, args.benchmark_steps)
-        elif not args.plot:
+        else:
             run(cfg, args.resume, args.load, args.arch, given)
     except UsageError as error:
         print(f"close.py: error: {error}", file=sys.stderr)
