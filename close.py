@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
+import io
 import functools
 import itertools
 import json
@@ -87,35 +89,8 @@ class Config:
     out: str = option("", "output folder (default runs/<close|vanilla>-<data>-C<channels>x<cells>-<epochs>ep-seed<seed>)")
 
 
-# Options that define the trained supernet: a resumed run must agree on all of them.
-RUN_OPTIONS = ("blocks", "baseline", "channels", "cells", "epochs", "batch_size", "lr", "momentum", "weight_decay",
-               "grad_clip", "seed", "growth", "gate_weight_decay", "gate_norm", "data", "train_subset")
-MODEL_OPTIONS = ("blocks", "baseline", "channels", "cells", "gate_norm")  # what a checkpoint's weights need
-
-
 class UsageError(Exception):
     """A problem with the user's input: reported as one line, never as a traceback."""
-
-
-def with_progress(items, label, total=None):
-    """Yield from `items`, keeping a status line: done/total, rate, time left. A terminal sees one
-    line redrawn in place (erased at the end); a log file gets a line a minute on long work."""
-    total, tty = (len(items) if total is None else total), sys.stdout.isatty()
-    started = shown = time.time()
-    for done, item in enumerate(items, 1):
-        yield item
-        now = time.time()
-        if now - shown > (0.5 if tty else 60) and done < total:
-            rate = done / (now - started)
-            line = f"{label}: {done:,}/{total:,}  {rate:,.1f}/s  {minutes((total - done) / rate)} left"
-            print(f"\r{line}\033[K" if tty else line, end="" if tty else "\n", flush=True)
-            shown = now
-    if tty and shown > started:
-        print("\r\033[K", end="", flush=True)
-
-
-def minutes(seconds):
-    return f"{seconds / 60:.1f} min"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -600,6 +575,12 @@ class CLOSENet(nn.Module):
         self.level = state["level"]
 
 
+def build_model(cfg, num_classes, device):
+    torch.manual_seed(cfg.seed)  # training draws from torch's RNG only (init, sampling, augmentation, Gumbel noise)
+    model = CLOSENet(cfg.channels, cfg.cells, cfg.blocks, num_classes, cfg.baseline, cfg.gate_norm == "layernorm")
+    return model.to(device, memory_format=MEMORY_FORMAT)
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. Curriculum on the sharing extent
 # ----------------------------------------------------------------------------------------------
@@ -977,6 +958,18 @@ def search_with_supernet(model, images, labels, cfg, scores):
 # ----------------------------------------------------------------------------------------------
 # 8. Runs: options checked before work, checkpoints that resume exactly, outputs a person can read
 # ----------------------------------------------------------------------------------------------
+# Options that define the trained supernet (a resumed run must agree on all of them), and those a checkpoint's weights need.
+RUN_OPTIONS = ("blocks", "baseline", "channels", "cells", "epochs", "batch_size", "lr", "momentum", "weight_decay",
+               "grad_clip", "seed", "growth", "gate_weight_decay", "gate_norm", "data", "train_subset")
+MODEL_OPTIONS = ("blocks", "baseline", "channels", "cells", "gate_norm")
+OUTPUT_FILES = ("config.json", "log.csv", "checkpoint.pt", "scores.csv", "metrics.json", "search.json", "ranking.png")
+LOG_FIELDS = ("epoch", "level", "lr", "loss", "accuracy", "seconds", "images_per_s", "gate_spread", "gate_off_dominant", "gate_entropy")
+SCORE_FIELDS = ("arch", "oneshot_accuracy", "oneshot_loss", "nb201_accuracy")
+SUMMARY_METRICS = ("kendall_tau", "spearman", "pearson", "P@top1%", "P@top5%", "P@top10%", "P@bottom5%", "BR@5%", "WR@5%")
+LEVEL_COST = 0.2   # a step costs ~20% more per active block beyond the first (--benchmark on the CPU)
+SCORING_COST = 4   # training one image costs ~4x scoring it with one block per edge (forward only)
+
+
 class Interrupted(Exception):
     """A run stopped on request (Ctrl-C, SIGTERM); the message says what was kept."""
 
@@ -1004,6 +997,26 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def with_progress(items, label):
+    """Yield from `items`, keeping a status line: done/total, rate, time left. A terminal sees one
+    line redrawn in place (erased at the end); a log file gets a line a minute on long work."""
+    total, tty = len(items), sys.stdout.isatty()
+    started = shown = time.time()
+    for done, item in enumerate(items, 1):
+        yield item
+        now = time.time()
+        if now - shown > (0.5 if tty else 60) and done < total:
+            rate, shown = done / (now - started), now
+            line = f"{label}: {done:,}/{total:,}  {rate:,.1f}/s  {minutes((total - done) / rate)} left"
+            print(f"\r{line}\033[K" if tty else line, end="" if tty else "\n", flush=True)
+    if tty and shown > started:
+        print("\r\033[K", end="", flush=True)
+
+
+def minutes(seconds):
+    return f"{seconds / 60:.1f} min"
+
+
 def resolve_device(name):
     try:
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
@@ -1023,9 +1036,8 @@ def check_config(cfg):
              (("eval_archs", "eval_batches", "search_budget", "train_subset", "weight_decay", "gate_weight_decay"), lambda v: v >= 0, "be 0 or more"),
              (("momentum",), lambda v: 0 <= v < 1, "be in [0, 1)")]
     for names, valid, rule in rules:
-        for name in names:
-            if not valid(getattr(cfg, name)):
-                raise UsageError(f"--{name.replace('_', '-')} must {rule}, got {getattr(cfg, name)}")
+        for name in (name for name in names if not valid(getattr(cfg, name))):
+            raise UsageError(f"--{name.replace('_', '-')} must {rule}, got {getattr(cfg, name)}")
     for option in fields(Config):
         if option.metadata["choices"] and getattr(cfg, option.name) not in option.metadata["choices"]:
             raise UsageError(f"--{option.name.replace('_', '-')} {getattr(cfg, option.name)}: choose one of {', '.join(option.metadata['choices'])}")
@@ -1037,9 +1049,6 @@ def check_config(cfg):
 def default_out(cfg):
     data = cfg.data if cfg.data in ("cifar10", "synthetic") else Path(cfg.data).name
     return Path("runs") / f"{'vanilla' if cfg.baseline else 'close'}-{data}-C{cfg.channels}x{cfg.cells}-{cfg.epochs}ep-seed{cfg.seed}"
-
-
-OUTPUT_FILES = ("config.json", "log.csv", "checkpoint.pt", "scores.csv", "metrics.json", "search.json", "ranking.png")
 
 
 def settle_options(cfg, given, resume, load):
@@ -1080,22 +1089,21 @@ def claim_out(cfg, resume):
     return out
 
 
-def write_atomic(path, write):
-    """write(temporary path), then rename: a kill mid-write never leaves a broken file."""
+def write_atomic(path, content):
+    """Write the text `content` (or call content(temporary path)), then rename: a kill mid-write never
+    leaves a broken file."""
     temporary = path.with_name(path.name + ".tmp")
-    write(temporary)
+    if isinstance(content, str):
+        temporary.write_text(content, newline="")
+    else:
+        content(temporary)
     os.replace(temporary, path)
 
 
-def write_text(path, text):
-    write_atomic(path, lambda temporary: temporary.write_text(text))
-
-
-def write_csv(path, header, rows):
-    def write(temporary):
-        with open(temporary, "w", newline="") as file:
-            csv.writer(file).writerows([header, *rows])
-    write_atomic(path, write)
+def csv_text(header, rows):
+    text = io.StringIO()
+    csv.writer(text).writerows([header, *rows])
+    return text.getvalue()
 
 
 def save_checkpoint(path, cfg, model, state, log):
@@ -1109,11 +1117,6 @@ def load_checkpoint(path, device="cpu"):
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # torch.load raises many kinds; its advice to drop weights_only is unsafe here
         raise UsageError(f"{path}: not a close.py checkpoint ({type(error).__name__})") from None
-
-
-LOG_FIELDS = ("epoch", "level", "lr", "loss", "accuracy", "seconds", "images_per_s", "gate_spread", "gate_off_dominant", "gate_entropy")
-LEVEL_COST = 0.2   # a step costs ~20% more per active block beyond the first (--benchmark on the CPU)
-SCORING_COST = 4   # training one image costs ~4x scoring it with one block per edge (forward only)
 
 
 def time_left(log, cfg, model, data):
@@ -1150,9 +1153,8 @@ def fit(model, data, cfg, out):
                     "accuracy": finished.correct.item() / len(finished.order), "seconds": round(finished.seconds, 3),
                     "images_per_s": round(len(finished.order) / finished.seconds, 1), **{f"gate_{k}": v for k, v in health.items()}})
         save_checkpoint(out / "checkpoint.pt", cfg, model, state, log)
-        write_csv(out / "log.csv", LOG_FIELDS, [[row.get(name, "") for name in LOG_FIELDS] for row in log])
-        training, scoring = time_left(log, cfg, model, data)
-        row = log[-1]
+        write_atomic(out / "log.csv", csv_text(LOG_FIELDS, [[row.get(name, "") for name in LOG_FIELDS] for row in log]))
+        (training, scoring), row = time_left(log, cfg, model, data), log[-1]
         print(f"epoch {row['epoch']:4d}/{cfg.epochs}  loss {row['loss']:.4f}  acc {100 * row['accuracy']:5.1f}%  lr {row['lr']:.4g}  "
               f"{'' if model.baseline else f'level {model.level}  '}{row['images_per_s']:,.0f} img/s  "
               f"left: training {minutes(training)}, scoring and search ~{minutes(scoring)}  {describe_gate(health)}", flush=True)
@@ -1165,26 +1167,18 @@ def fit(model, data, cfg, out):
     return log
 
 
-SCORE_FIELDS = ("arch", "oneshot_accuracy", "oneshot_loss", "nb201_accuracy")
-
-
-def read_scores(path):
-    """arch -> (one-shot accuracy, loss) from a scores file; a last line that a kill cut short is left out."""
-    text = path.read_text() if path.exists() else ""
-    lines = text.splitlines()[1:len(text.splitlines()) - (not text.endswith("\n"))]
-    return {str_to_arch(arch): (float(accuracy), float(loss)) for arch, accuracy, loss, *_ in csv.reader(lines)}
-
-
 def score_archs(model, images, labels, cfg, archs, path):
-    """One-shot scores of `archs`, appended to `path` as they come; rows already there are reused."""
-    scores = read_scores(path)
-    write_csv(path, SCORE_FIELDS[:3], [[arch_to_str(a), *scores[a]] for a in scores])  # drop any torn last row
+    """One-shot scores of `archs`, appended to `path` as they come; rows already there (a stopped run's)
+    are reused, and a last row that a kill cut short is dropped."""
+    text = path.read_text() if path.exists() else ""
+    rows = list(csv.reader(text.splitlines()[1:len(text.splitlines()) - (not text.endswith("\n"))]))
+    scores = {str_to_arch(arch): (float(accuracy), float(loss)) for arch, accuracy, loss, *_ in rows}
+    write_atomic(path, csv_text(SCORE_FIELDS[:3], [[arch_to_str(a), *scores[a]] for a in scores]))
     todo = [arch for arch in archs if arch not in scores]
     with open(path, "a", newline="") as file:
-        writer = csv.writer(file)
         for arch in with_progress(todo, f"scoring {len(todo):,} archs on {len(labels):,} images"):
             scores[arch] = score_arch(model, arch, images, labels, cfg.batch_size, scoring_assignment(model, arch, cfg.eval_gate, cfg.eval_seed))
-            writer.writerow([arch_to_str(arch), *scores[arch]])
+            csv.writer(file).writerow([arch_to_str(arch), *scores[arch]])
             file.flush()
     return scores
 
@@ -1193,12 +1187,6 @@ def result_row(arch, scores, truth):
     accuracy, loss = scores[arch]
     row = {"arch": arch_to_str(arch), "oneshot_accuracy": accuracy, "oneshot_loss": loss}
     return row if truth is None else {**row, "nb201_accuracy": truth.accuracy[arch], "nb201_rank": truth.rank[arch]}
-
-
-def build_model(cfg, num_classes, device):
-    torch.manual_seed(cfg.seed)  # training draws from torch's RNG only (init, sampling, augmentation, Gumbel noise)
-    model = CLOSENet(cfg.channels, cfg.cells, cfg.blocks, num_classes, cfg.baseline, cfg.gate_norm == "layernorm")
-    return model.to(device, memory_format=MEMORY_FORMAT)
 
 
 def run(cfg, resume=False, load="", arch_strings=(), given=()):
@@ -1222,7 +1210,7 @@ def run(cfg, resume=False, load="", arch_strings=(), given=()):
         print(f"{out.name}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(data.train_labels):,} train / "
               f"{len(data.heldout_labels):,} held-out images, device {device}", flush=True)
         out.mkdir(parents=True, exist_ok=True)
-        write_text(out / "config.json", json.dumps(asdict(cfg), indent=2))  # the run starts: the folder is now its own
+        write_atomic(out / "config.json", json.dumps(asdict(cfg), indent=2))  # the run starts: the folder is now its own
         if checkpoint:
             model.load_state_dict(checkpoint["model"])
         log = checkpoint["log"] if checkpoint else fit(model, data, cfg, out)
@@ -1235,17 +1223,16 @@ def run(cfg, resume=False, load="", arch_strings=(), given=()):
 
 def score_rank_search(model, data, cfg, out, chosen_archs, truth, times, log):
     """Score the archs on the held-out split, rank them against NB201, search with the supernet, report."""
-    started, (images, labels) = time.time(), heldout_set(data, cfg)
-    archs = archs_to_score(cfg, chosen_archs)
+    started, (images, labels), archs = time.time(), heldout_set(data, cfg), archs_to_score(cfg, chosen_archs)
     scores = score_archs(model, images, labels, cfg, archs, out / "scores.csv")
     times["score_s"] = time.time() - started
-    write_csv(out / "scores.csv", SCORE_FIELDS, [[arch_to_str(a), *scores[a], truth.accuracy[a] if truth else ""] for a in archs])
+    write_atomic(out / "scores.csv", csv_text(SCORE_FIELDS, [[arch_to_str(a), *scores[a], truth.accuracy[a] if truth else ""] for a in archs]))
     metrics = ranking_metrics([scores[a][0] for a in archs], [truth.accuracy[a] for a in archs]) if truth and len(archs) > 1 else None
     started, search, searched = time.time(), None, dict(scores)
     if cfg.search_budget:
         search = search_with_supernet(model, images, labels, cfg, searched)
         search["best"] = result_row(search["best"], searched, truth)
-        write_text(out / "search.json", json.dumps(search, indent=2))
+        write_atomic(out / "search.json", json.dumps(search, indent=2))
     times["search_s"] = time.time() - started
     # which blocks the scored archs' routed edges used: a collapsed GATE sends them all to one block
     usage = np.bincount([scoring_assignment(model, a, cfg.eval_gate, cfg.eval_seed).blocks[e] for a in archs for e in routed_edges(a)],
@@ -1254,7 +1241,7 @@ def score_rank_search(model, data, cfg, out, chosen_archs, truth, times, log):
                "search": search, "times": {key: round(value, 1) for key, value in times.items()}, "scored_archs": len(archs),
                "mean_oneshot_accuracy": float(np.mean([scores[a][0] for a in archs])), "scoring_edges_per_block": usage.tolist(),
                "gate": gate_health(model, probe_archs()), "heldout_images": len(labels), "device": str(images.device)}
-    write_text(out / "metrics.json", json.dumps(results, indent=2))
+    write_atomic(out / "metrics.json", json.dumps(results, indent=2))
     print_summary(out, results, log)
     plot_run(out)
     return results
@@ -1270,23 +1257,23 @@ def print_summary(out, results, log):
         print(f"{describe_gate(results['gate'])}\nat scoring, the scored archs' routed edges per block: {usage}" +
               (f" (all on block {np.argmax(usage)}: scored as a fully shared supernet)" if max(usage) == sum(usage) else ""))
     sibling = out.parent / out.name.replace(*(("close", "vanilla") if "close" in out.name else ("vanilla", "close")))
-    siblings = [sibling] if sibling != out and (sibling / "metrics.json").exists() else []
-    print_metrics_table([results] + [{**json.loads((s / "metrics.json").read_text()), "run": s.name} for s in siblings])
-    print("top-5 by one-shot accuracy:\n" + "\n".join(f"  {row['oneshot_accuracy']:5.1f}%  {row['arch']}{nb201_words(row)}" for row in results["top5"]))
+    print_metrics_table([results] + ([finished_run(sibling)] if sibling != out and (sibling / "metrics.json").exists() else []))
+    nb201 = lambda row: f"  NB201 {row['nb201_accuracy']:.2f}% (rank {row['nb201_rank']:,} of 6,466)" if "nb201_accuracy" in row else ""
+    print("top-5 by one-shot accuracy:\n" + "\n".join(f"  {row['oneshot_accuracy']:5.1f}%  {row['arch']}{nb201(row)}" for row in results["top5"]))
     if results["search"]:
         best = results["search"]["best"]
-        print(f"search ({results['search']['budget']} evaluations): {best['arch']}  one-shot {best['oneshot_accuracy']:.1f}%{nb201_words(best)}")
+        print(f"search ({results['search']['budget']} evaluations): {best['arch']}  one-shot {best['oneshot_accuracy']:.1f}%{nb201(best)}")
 
 
-def nb201_words(row):
-    return f"  NB201 {row['nb201_accuracy']:.2f}% (rank {row['nb201_rank']:,} of 6,466)" if "nb201_accuracy" in row else ""
-
-
-SUMMARY_METRICS = ("kendall_tau", "spearman", "pearson", "P@top1%", "P@top5%", "P@top10%", "P@bottom5%", "BR@5%", "WR@5%")
+def finished_run(folder):
+    """A finished run's metrics.json, named by its folder (--compare names a missing one)."""
+    if not (Path(folder) / "metrics.json").exists():
+        raise UsageError(f"--compare: {Path(folder) / 'metrics.json'} does not exist (is {folder} a finished run?)")
+    return {**json.loads((Path(folder) / "metrics.json").read_text()), "run": Path(folder).name}
 
 
 def print_metrics_table(runs):
-    """Runs side by side: ranking metrics, mean one-shot accuracy, the search result, times."""
+    """Runs side by side (the summary, --compare): ranking metrics, mean one-shot accuracy, the search result, times."""
     if not runs[0]["ranking"]:
         print("ranking metrics: none (pass --nb201 FILE to compare against NAS-Bench-201)")
     best = [r["search"]["best"] if r.get("search") and "nb201_rank" in r["search"]["best"] else None for r in runs]
@@ -1304,16 +1291,7 @@ def print_metrics_table(runs):
               f"true rank, among those {n:,}, of the predicted top 5%; '-': K% of them is under one arch, or no search)")
 
 
-def compare(run_folders):
-    """--compare A B ...: finished runs side by side."""
-    missing = [folder for folder in run_folders if not (Path(folder) / "metrics.json").exists()]
-    if missing:
-        raise UsageError(f"--compare: {Path(missing[0]) / 'metrics.json'} does not exist (is {missing[0]} a finished run?)")
-    print_metrics_table([{**json.loads((Path(folder) / "metrics.json").read_text()), "run": Path(folder).name} for folder in run_folders])
-
-
 def plotting_available():
-    import importlib.util
     return importlib.util.find_spec("matplotlib") is not None
 
 
@@ -1327,7 +1305,6 @@ def plot_run(out):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
     rows, ranking = list(csv.DictReader(open(out / "scores.csv"))), json.loads((out / "metrics.json").read_text())["ranking"]
     log = list(csv.DictReader(open(out / "log.csv"))) if (out / "log.csv").exists() else []
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
@@ -1336,10 +1313,10 @@ def plot_run(out):
     oneshot = [float(r["oneshot_accuracy"]) for r in rows]
     if ranking:
         left.scatter([float(r["nb201_accuracy"]) for r in rows], oneshot, s=min(30, max(4, 3000 / len(rows))), alpha=0.5)
-        left.set(xlabel="NB201 CIFAR-10 test accuracy (%)", title=f"Kendall tau {ranking['kendall_tau']:.3f}")
+        left.set(xlabel="NB201 CIFAR-10 test accuracy (%)", ylabel="one-shot accuracy (%)", title=f"Kendall tau {ranking['kendall_tau']:.3f}")
     else:
         left.hist(oneshot, bins=min(50, len(rows)))
-    left.set(ylabel="one-shot accuracy (%)") if ranking else left.set(xlabel="one-shot accuracy (%)", ylabel="archs")
+        left.set(xlabel="one-shot accuracy (%)", ylabel="archs")
     if log:
         epochs, levels = [int(row["epoch"]) for row in log], [int(row["level"]) for row in log]
         right.plot(epochs, [float(row["loss"]) for row in log], "o-")
@@ -1348,34 +1325,35 @@ def plot_run(out):
         level.stairs(levels, [0] + epochs, color="gray", linestyle="--")
         level.set(ylim=(0, max(levels) + 0.5), ylabel="curriculum level (active blocks, dashed)")
         for axis in (right.xaxis, level.yaxis):
-            axis.set_major_locator(MaxNLocator(integer=True))
+            axis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     figure.tight_layout()
     figure.savefig(out / "ranking.png", dpi=120)
     plt.close(figure)
     return True
 
 
+def milliseconds_per_call(call, repeats, device):
+    """Mean wall time of call(0..repeats-1), after one warm-up call (allocator, cuDNN autotuning)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    call(0)
+    sync()
+    started = time.perf_counter()
+    for i in range(repeats):
+        call(i)
+    sync()
+    return 1000 * (time.perf_counter() - started) / repeats
+
+
 def benchmark(cfg, steps):
     """ms per training step, vanilla (channels_last and NCHW) vs CLOSENet at every level, on the same
     archs and batch; ms per architecture scored; images/s. Printed and written to <out>/benchmark.json."""
     device = resolve_device(cfg.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     torch.manual_seed(cfg.seed)
     archs = random.Random(0).sample([a for a in unique_archs() if routed_edges(a)], 8)
     data = synthetic_dataset(train=cfg.batch_size, heldout=cfg.batch_size * max(1, cfg.eval_batches or 4), seed=cfg.seed).to(device)
     results = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": cfg.batch_size,
                "channels": cfg.channels, "cells": cfg.cells, "steps": steps, "archs": [arch_to_str(a) for a in archs]}
     print(f"{device}, batch {cfg.batch_size}, C={cfg.channels}, {cfg.cells} cells/stage, {steps} steps on {len(archs)} archs")
-
-    def ms_per(call, repeats):
-        call(0)  # warm-up: allocator, cuDNN autotuning
-        sync()
-        started = time.perf_counter()
-        for i in range(repeats):
-            call(i)
-        sync()
-        return 1000 * (time.perf_counter() - started) / repeats
-
     model = CLOSENet(cfg.channels, cfg.cells, cfg.blocks)
     runs = [("vanilla", CLOSENet(cfg.channels, cfg.cells, baseline=True), MEMORY_FORMAT),
             ("vanilla_nchw", CLOSENet(cfg.channels, cfg.cells, baseline=True), torch.contiguous_format)]
@@ -1384,17 +1362,17 @@ def benchmark(cfg, steps):
             add_glow_block(model)
         optimizer, _ = make_optimizer(net.to(device, memory_format=layout), cfg)
         x = normalize(data.train_images).contiguous(memory_format=layout)
-        results[f"{key}_ms_per_step"] = ms = ms_per(lambda i: train_step(net.train(), optimizer, x, data.train_labels, archs[i % 8], cfg.grad_clip), steps)
-        results[f"{key}_ratio"] = ms / results["vanilla_ms_per_step"]
+        ms = milliseconds_per_call(lambda i: train_step(net.train(), optimizer, x, data.train_labels, archs[i % 8], cfg.grad_clip), steps, device)
+        results[f"{key}_ms_per_step"], results[f"{key}_ratio"] = ms, ms / results.get("vanilla_ms_per_step", ms)
         print(f"{key:14s}{ms:8.1f} ms/step   {results[f'{key}_ratio']:.2f}x")
     heldout = normalize(data.heldout_images).contiguous(memory_format=MEMORY_FORMAT)
-    results["score_ms_per_arch"] = ms = ms_per(lambda i: score_arch(model, archs[i], heldout, data.heldout_labels, cfg.batch_size), len(archs))
-    results["score_images_per_s"] = 1000 * len(data.heldout_labels) / ms
-    results.update({f"train_images_per_s_{key}": 1000 * cfg.batch_size / results[f"{key}_ms_per_step"] for key in ("vanilla", f"close_level{cfg.blocks}")})
+    ms = milliseconds_per_call(lambda i: score_arch(model, archs[i], heldout, data.heldout_labels, cfg.batch_size), len(archs), device)
+    results.update({"score_ms_per_arch": ms, "score_images_per_s": 1000 * len(data.heldout_labels) / ms,
+                    **{f"train_images_per_s_{key}": 1000 * cfg.batch_size / results[f"{key}_ms_per_step"] for key in ("vanilla", f"close_level{cfg.blocks}")}})
     print(f"scoring: {ms:.1f} ms per arch on {len(data.heldout_labels)} images ({results['score_images_per_s']:,.0f} img/s); "
           f"training {results['train_images_per_s_vanilla']:,.0f} img/s vanilla")
     (out := Path(cfg.out or "runs")).mkdir(parents=True, exist_ok=True)
-    write_text(out / "benchmark.json", json.dumps(results, indent=2))
+    write_atomic(out / "benchmark.json", json.dumps(results, indent=2))
     print(f"written to {out / 'benchmark.json'}")
     return results
 
@@ -1412,8 +1390,8 @@ def parse_args(argv=None):
     loaded run can tell what was typed now from what it should take from the run."""
     parser = ArgumentParser(
         description="CLOSE on NAS-Bench-201: train a CLOSENet supernet, score architectures, search.",
-        epilog="Outputs in --out: config.json, log.csv, checkpoint.pt, scores.csv, metrics.json, search.json, ranking.png. "
-               "NB201 files other than the compact CSV are pickles: loading one runs code from it, so use only files you trust.")
+        epilog=f"Outputs in --out: {', '.join(OUTPUT_FILES)}. NB201 files other than the compact CSV are pickles: "
+               "loading one runs code from it, so use only files you trust.")
     for option in fields(Config):
         flag, shown = "--" + option.name.replace("_", "-"), f" (default: {option.default})" if option.default not in ("", False) else ""
         kind = {"action": "store_true"} if isinstance(option.default, bool) else {"type": type(option.default)}
@@ -1435,7 +1413,7 @@ def main(argv=None):
     try:
         cfg, args, given = parse_args(argv)
         if args.compare:
-            compare(args.compare)
+            print_metrics_table([finished_run(folder) for folder in args.compare])
         elif args.plot:
             if not plot_run(Path(args.plot)):
                 raise UsageError("--plot needs matplotlib: pip install matplotlib")
@@ -1453,11 +1431,7 @@ def main(argv=None):
     return 0
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 if __name__ == "__main__":
     STOP_SIGNALS.append(signal.SIGTERM)  # a killed job stops like Ctrl-C: after the current step, with a checkpoint
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # which raises KeyboardInterrupt
     sys.exit(main())
