@@ -1,17 +1,9 @@
 """CLOSE: Curriculum Learning On the Sharing Extent (Zhou et al., ECCV 2022) on NAS-Bench-201.
 
-One file, read top to bottom. Sections 1-7 are the method, in the order of the paper; 8-9 are the
-program around it:
-
-    1. search space        NB201 cells, arch strings, isomorphism classes, live edges
-    2. data                CIFAR-10 (or an image folder, or synthetic) kept on the device, augmented there
-    3. CLOSENet            GLOW blocks (the parameter pool), the sharing assignment, the GATE
-    4. curriculum          one block at first, more blocks on a schedule, WIT (weight inheritance)
-    5. training            the official recipe, scaled to --epochs
-    6. evaluation          one-shot scores, the GATE's health, ranking metrics against NB201
-    7. search              regularized evolution with the supernet as fitness
-    8. runs                checkpoints and exact resume, outputs, summary, comparison, plot, benchmark
-    9. command line
+One file, read top to bottom. Sections 1-7 are the method in the paper's order: 1 the search space,
+2 the data, 3 CLOSENet (GLOW blocks, the sharing assignment, the GATE), 4 the curriculum with WIT,
+5 training, 6 evaluation (one-shot scores, the GATE's health, ranking metrics), 7 the search.
+8-9 are the program around it: checked options, exact resume, outputs, summary, plot, benchmark, CLI.
 
     python close.py --epochs 250 --device cuda                  # train, score all 6,466 archs, search
     python close.py --baseline --epochs 250 --device cuda       # the vanilla one-shot supernet
@@ -64,9 +56,8 @@ class Config:
     weight_decay: float = option(5e-4, "SGD weight decay (the GATE has its own, below)")
     grad_clip: float = option(5.0, "gradient-norm clip")
     seed: int = option(0, "seed of training (sampling, augmentation, Gumbel noise, init)")
-    # the GATE: the official code's settings, which ranked better than our fixes on both seeds we measured
-    # (README, Results); our fixes keep the GATE trainable: --growth perturb --gate-weight-decay 0
-    # --gate-norm layernorm --eval-gate argmax
+    # the GATE: the official settings, which ranked better than our fixes on both seeds measured (README, Results);
+    # our fixes keep the GATE trainable: --growth perturb --gate-weight-decay 0 --gate-norm layernorm --eval-gate argmax
     growth: str = option("official", "WIT rule for a new block: perturb (a copy plus 10%% noise; logit row as official), copy "
                          "(exact copy of block and logit row), official (both added to their fresh init)", ("perturb", "copy", "official"))
     gate_weight_decay: float = option(5e-4, "weight decay on the GATE's parameters, at every level (official; 0: none)")
@@ -140,24 +131,15 @@ def as_arch(arch):
 def isomorphism_key(arch):
     """NB201's rule for 'same cell': write every node as an expression of the input and compare node 3.
 
-    An edge contributes the zero symbol '#' when its op is none or its source is exactly '#';
-    skip_connect passes the source expression; any other op writes '(source)@op'. A node is its
-    sorted, '+'-joined terms, so isomorphic cells (relabelled nodes, edges made dead by 'none') get
-    the same key. The joined strings are not injective, so the symbols matter: '#' sorts before '('
-    as in the benchmark's own rule, which is what yields its 6,466 classes (a zero symbol '0' gives 6,475).
+    An edge gives the zero symbol '#' when its op is none or its source is exactly '#'; skip_connect
+    passes the source expression; any other op writes '(source)@op'. A node is its sorted, '+'-joined
+    terms. These strings are not injective, so the symbols matter: '#' sorting before '(' is what
+    yields the benchmark's 6,466 classes (a zero symbol '0' gives 6,475).
     """
     expression = ["x"]
     for node in (1, 2, 3):
-        terms = []
-        for (src, dst), op in zip(EDGES, as_arch(arch)):
-            if dst != node:
-                continue
-            if op == NONE or expression[src] == "#":
-                terms.append("#")
-            elif op == SKIP:
-                terms.append(expression[src])
-            else:
-                terms.append(f"({expression[src]})@{OPS[op]}")
+        terms = ["#" if op == NONE or expression[src] == "#" else expression[src] if op == SKIP else f"({expression[src]})@{OPS[op]}"
+                 for (src, dst), op in zip(EDGES, as_arch(arch)) if dst == node]
         expression.append("+".join(sorted(terms)))
     return expression[3]
 
@@ -342,11 +324,8 @@ def relu_conv_bn(x, weight):
 
 
 class GlowBlock(nn.Module):
-    """A GLOW block: one full set of the weights of a cell's parameterised ops (conv1x1, conv3x3).
-
-    A cell owns a small pool of these; *which* block an edge's op uses is decided per architecture
-    by the sharing assignment, not by the edge, so parameters are decoupled from operations.
-    """
+    """A GLOW block: one set of weights of a cell's parameterised ops (conv1x1, conv3x3). Which block an
+    edge's op uses is decided per architecture by the sharing assignment, not by the edge."""
 
     def __init__(self, channels):
         super().__init__()
@@ -359,12 +338,9 @@ class GlowBlock(nn.Module):
 
 @dataclass
 class SharingAssignment:
-    """Which GLOW block each of the 6 edges uses; the same assignment holds in every cell.
-
-    blocks: 6 block indices, a list of ints when fixed (vanilla, level 1, scoring) or a device tensor
-    when drawn by the GATE in training; gate: the GATE's straight-through weights [6, level]
-    (forward value one-hot at `blocks`), or None when the assignment is fixed.
-    """
+    """Which GLOW block each of the 6 edges uses, in every cell: `blocks`, a list when fixed (vanilla, level 1,
+    scoring) or a device tensor drawn by the GATE in training, when `gate` holds its straight-through
+    weights [6, level] (one-hot at `blocks` in the forward pass)."""
     blocks: list[int] | torch.Tensor
     gate: torch.Tensor | None = None
 
@@ -421,9 +397,7 @@ class UnchosenBlocks(torch.autograd.Function):
 
 
 def parameter_free_op(x, op):
-    if op == SKIP:
-        return x
-    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)  # AVG_POOL
+    return x if op == SKIP else F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)  # AVG_POOL
 
 
 class Cell(nn.Module):
@@ -780,6 +754,12 @@ def scoring_assignment(model, arch, eval_gate="argmax", seed=0):
     return model.sharing_assignment(arch, None if eval_gate == "argmax" else seed * len(ALL_ARCHS) + ALL_ARCHS_INDEX[as_arch(arch)])
 
 
+def edges_per_block(model, archs, cfg):
+    """How many routed edges of `archs` each block scores: a collapsed GATE sends them all to one block."""
+    blocks = [scoring_assignment(model, a, cfg.eval_gate, cfg.eval_seed).blocks[e] for a in archs for e in routed_edges(a)]
+    return np.bincount(blocks, minlength=model.num_blocks).tolist()
+
+
 @functools.cache
 def probe_archs():
     """The fixed probe set of gate_health: 500 unique archs (seeded, independent of any run's seed)."""
@@ -1090,8 +1070,7 @@ def claim_out(cfg, resume):
 
 
 def write_atomic(path, content):
-    """Write the text `content` (or call content(temporary path)), then rename: a kill mid-write never
-    leaves a broken file."""
+    """Write text (or call content(temporary path)), then rename: a kill mid-write leaves no broken file."""
     temporary = path.with_name(path.name + ".tmp")
     if isinstance(content, str):
         temporary.write_text(content, newline="")
@@ -1234,12 +1213,9 @@ def score_rank_search(model, data, cfg, out, chosen_archs, truth, times, log):
         search["best"] = result_row(search["best"], searched, truth)
         write_atomic(out / "search.json", json.dumps(search, indent=2))
     times["search_s"] = time.time() - started
-    # which blocks the scored archs' routed edges used: a collapsed GATE sends them all to one block
-    usage = np.bincount([scoring_assignment(model, a, cfg.eval_gate, cfg.eval_seed).blocks[e] for a in archs for e in routed_edges(a)],
-                        minlength=model.num_blocks)
     results = {"run": out.name, "ranking": metrics, "top5": [result_row(a, scores, truth) for a in sorted(archs, key=lambda a: -scores[a][0])[:5]],
                "search": search, "times": {key: round(value, 1) for key, value in times.items()}, "scored_archs": len(archs),
-               "mean_oneshot_accuracy": float(np.mean([scores[a][0] for a in archs])), "scoring_edges_per_block": usage.tolist(),
+               "mean_oneshot_accuracy": float(np.mean([scores[a][0] for a in archs])), "scoring_edges_per_block": edges_per_block(model, archs, cfg),
                "gate": gate_health(model, probe_archs()), "heldout_images": len(labels), "device": str(images.device)}
     write_atomic(out / "metrics.json", json.dumps(results, indent=2))
     print_summary(out, results, log)
@@ -1308,8 +1284,8 @@ def plot_run(out):
     rows, ranking = list(csv.DictReader(open(out / "scores.csv"))), json.loads((out / "metrics.json").read_text())["ranking"]
     log = list(csv.DictReader(open(out / "log.csv"))) if (out / "log.csv").exists() else []
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    baseline = json.loads((out / "config.json").read_text())["baseline"]
-    figure.suptitle(f"{out.name}: {'the vanilla supernet' if baseline else 'CLOSE'}, {len(rows)} archs scored")
+    supernet = "the vanilla supernet" if json.loads((out / "config.json").read_text())["baseline"] else "CLOSE"
+    figure.suptitle(f"{out.name}: {supernet}, {len(rows)} archs scored")
     oneshot = [float(r["oneshot_accuracy"]) for r in rows]
     if ranking:
         left.scatter([float(r["nb201_accuracy"]) for r in rows], oneshot, s=min(30, max(4, 3000 / len(rows))), alpha=0.5)
