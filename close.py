@@ -133,8 +133,8 @@ def isomorphism_key(arch):
 
     An edge gives the zero symbol '#' when its op is none or its source is exactly '#'; skip_connect
     passes the source expression; any other op writes '(source)@op'. A node is its sorted, '+'-joined
-    terms. These strings are not injective, so the symbols matter: '#' sorting before '(' is what
-    yields the benchmark's 6,466 classes (a zero symbol '0' gives 6,475).
+    terms, so relabelled nodes and edges made dead by 'none' give the same key. These strings are not
+    injective, so the symbols matter: '#' sorting before '(' yields the benchmark's 6,466 classes ('0': 6,475).
     """
     expression = ["x"]
     for node in (1, 2, 3):
@@ -1016,8 +1016,9 @@ def check_config(cfg):
              (("eval_archs", "eval_batches", "search_budget", "train_subset", "weight_decay", "gate_weight_decay"), lambda v: v >= 0, "be 0 or more"),
              (("momentum",), lambda v: 0 <= v < 1, "be in [0, 1)")]
     for names, valid, rule in rules:
-        for name in (name for name in names if not valid(getattr(cfg, name))):
-            raise UsageError(f"--{name.replace('_', '-')} must {rule}, got {getattr(cfg, name)}")
+        for name in names:
+            if not valid(getattr(cfg, name)):
+                raise UsageError(f"--{name.replace('_', '-')} must {rule}, got {getattr(cfg, name)}")
     for option in fields(Config):
         if option.metadata["choices"] and getattr(cfg, option.name) not in option.metadata["choices"]:
             raise UsageError(f"--{option.name.replace('_', '-')} {getattr(cfg, option.name)}: choose one of {', '.join(option.metadata['choices'])}")
@@ -1133,7 +1134,8 @@ def fit(model, data, cfg, out):
                     "images_per_s": round(len(finished.order) / finished.seconds, 1), **{f"gate_{k}": v for k, v in health.items()}})
         save_checkpoint(out / "checkpoint.pt", cfg, model, state, log)
         write_atomic(out / "log.csv", csv_text(LOG_FIELDS, [[row.get(name, "") for name in LOG_FIELDS] for row in log]))
-        (training, scoring), row = time_left(log, cfg, model, data), log[-1]
+        training, scoring = time_left(log, cfg, model, data)
+        row = log[-1]
         print(f"epoch {row['epoch']:4d}/{cfg.epochs}  loss {row['loss']:.4f}  acc {100 * row['accuracy']:5.1f}%  lr {row['lr']:.4g}  "
               f"{'' if model.baseline else f'level {model.level}  '}{row['images_per_s']:,.0f} img/s  "
               f"left: training {minutes(training)}, scoring and search ~{minutes(scoring)}  {describe_gate(health)}", flush=True)
