@@ -56,7 +56,7 @@ class Config:
     weight_decay: float = option(5e-4, "SGD weight decay (the GATE has its own, below)")
     grad_clip: float = option(5.0, "gradient-norm clip")
     seed: int = option(0, "seed of training (sampling, augmentation, Gumbel noise, init)")
-    # the GATE: the official settings, which ranked better than our fixes on both seeds measured (README, Results);
+    # the GATE: the official settings, which ranked better than our fixes on all 3 seeds measured (README, Results);
     # our fixes keep the GATE trainable: --growth perturb --gate-weight-decay 0 --gate-norm layernorm --eval-gate argmax
     growth: str = option("official", "WIT rule for a new block: perturb (a copy plus 10%% noise; logit row as official), copy "
                          "(exact copy of block and logit row), official (both added to their fresh init)", ("perturb", "copy", "official"))
