@@ -718,9 +718,14 @@ def train(model, data, cfg, state, stop=None, epoch_done=lambda finished: None):
 # ----------------------------------------------------------------------------------------------
 # 6. Evaluation: one-shot scores, the GATE's health, ranking metrics
 # ----------------------------------------------------------------------------------------------
+def heldout_count(data, cfg):
+    """How many held-out images score an architecture: the first --eval-batches batches, or all."""
+    return min(len(data.heldout_labels), cfg.eval_batches * cfg.batch_size or len(data.heldout_labels))
+
+
 def heldout_set(data, cfg):
-    """The held-out images that score architectures (the first --eval-batches batches), normalised once."""
-    count = min(len(data.heldout_labels), cfg.eval_batches * cfg.batch_size or len(data.heldout_labels))
+    """The held-out images that score architectures, normalised once."""
+    count = heldout_count(data, cfg)
     return normalize(data.heldout_images[:count]).contiguous(memory_format=MEMORY_FORMAT), data.heldout_labels[:count]
 
 
@@ -1104,8 +1109,7 @@ def time_left(log, cfg, model, data):
     from the training speed; its own progress line tells better once it starts)."""
     cost = lambda epoch: 1 + LEVEL_COST * (curriculum_level(epoch, cfg.epochs, model.num_blocks) - 1 if not model.baseline else 0)
     per_unit = log[-1]["seconds"] / cost(log[-1]["epoch"] - 1)
-    heldout = min(len(data.heldout_labels), cfg.eval_batches * cfg.batch_size or len(data.heldout_labels))
-    scored = ((cfg.eval_archs or len(unique_archs())) + cfg.search_budget) * heldout
+    scored = ((cfg.eval_archs or len(unique_archs())) + cfg.search_budget) * heldout_count(data, cfg)
     return sum(per_unit * cost(epoch) for epoch in range(log[-1]["epoch"], cfg.epochs)), per_unit / len(data.train_labels) / SCORING_COST * scored
 
 
