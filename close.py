@@ -1,21 +1,23 @@
 """CLOSE: Curriculum Learning On the Sharing Extent (Zhou et al., ECCV 2022) on NAS-Bench-201.
 
-One file, read top to bottom. Sections 1-7 are the method in the paper's order: 1 the search space,
-2 the data, 3 CLOSENet (GLOW blocks, the sharing assignment, the GATE), 4 the curriculum with WIT,
-5 training, 6 evaluation (one-shot scores, the GATE's health, ranking metrics), 7 the search.
-8-9 are the program around it: checked options, exact resume, outputs, summary, plot, benchmark, CLI.
+One file, read top to bottom. Sections 1-7 are the method in the paper's order: 1 the search
+space, 2 the data, 3 CLOSENet (GLOW blocks, the sharing assignment, the GATE), 4 the curriculum
+with WIT, 5 training, 6 evaluation (one-shot scores, the GATE's health, ranking metrics), 7 the
+search. Sections 8-9 are the program around it: outputs, exact resume, summary, benchmark, CLI.
 
-    python close.py --epochs 250 --device cuda                  # train, score all 6,466 archs, search
-    python close.py --baseline --epochs 250 --device cuda       # the vanilla one-shot supernet
-    python close.py --data synthetic --epochs 5 --cells 1       # everything, offline, in seconds
+    python close.py --epochs 250 --device cuda              # train, score all 6,466 archs, search
+    python close.py --baseline --epochs 250 --device cuda   # the vanilla one-shot supernet
+    python close.py --data synthetic --epochs 5 --cells 1   # everything, offline, in seconds
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
+import datetime
+import functools
 import importlib.util
 import io
-import functools
 import itertools
 import json
 import math
@@ -33,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import scipy.stats
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -44,79 +47,85 @@ def option(default, description, choices=None):
 @dataclass
 class Config:
     # supernet
-    blocks: int = option(5, "K, GLOW blocks per cell (the vanilla baseline always uses 6, one per edge)")
+    blocks: int = option(5, "K, GLOW blocks per cell (the vanilla baseline has 6, one per edge)")
     baseline: bool = option(False, "train the vanilla one-shot supernet instead of CLOSENet")
     channels: int = option(16, "channels of the first stage (NB201: 16)")
     cells: int = option(5, "searchable cells per stage (NB201: 5)")
-    # training (the official recipe; 1000 epochs there, scaled here)
-    epochs: int = option(250, "supernet training epochs; blocks are added at evenly spaced epochs")
+    # training: the official recipe (1,000 epochs there, scaled to --epochs here)
+    epochs: int = option(250, "training epochs; blocks are added at evenly spaced epochs")
     batch_size: int = option(256, "training and scoring batch size")
     lr: float = option(0.05, "SGD learning rate")
     momentum: float = option(0.9, "SGD momentum")
-    weight_decay: float = option(5e-4, "SGD weight decay (the GATE has its own, below)")
+    weight_decay: float = option(5e-4, "SGD weight decay, on every parameter (the GATE's too)")
     grad_clip: float = option(5.0, "gradient-norm clip")
-    seed: int = option(0, "seed of training (sampling, augmentation, Gumbel noise, init)")
-    # the GATE: the official settings, which ranked better than our fixes on all 3 seeds measured (README, Results);
-    # our fixes keep the GATE trainable: --growth perturb --gate-weight-decay 0 --gate-norm layernorm --eval-gate argmax
-    growth: str = option("official", "WIT rule for a new block: perturb (a copy plus 10%% noise; logit row as official), copy "
-                         "(exact copy of block and logit row), official (both added to their fresh init)", ("perturb", "copy", "official"))
-    gate_weight_decay: float = option(5e-4, "weight decay on the GATE's parameters, at every level (official; 0: none)")
-    gate_norm: str = option("none", "node features before the GATE's MLP: none (official), or a parameter-free layernorm", ("layernorm", "none"))
-    eval_gate: str = option("sample", "blocks at scoring: sample (one Gumbel draw per arch, seeded by --eval-seed and the "
-                            "arch, official), or the GATE's argmax", ("argmax", "sample"))
+    seed: int = option(0, "seed of training (init, sampling, augmentation, Gumbel noise)")
     # data
-    data: str = option("cifar10", "'cifar10' (torchvision download), 'synthetic', or an image-folder tree PATH with train/<class>/*")
+    data: str = option("cifar10", "'cifar10' (torchvision download), 'synthetic', or an "
+                       "image-folder tree PATH with train/<class>/*")
     data_root: str = option("data", "where torchvision keeps CIFAR-10")
-    train_subset: int = option(0, "train on a seeded random subset of N training images (0: all), for a quick real-data run")
+    train_subset: int = option(0, "train on a seeded subset of N training images (0: all)")
     device: str = option("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
     # scoring and search
-    eval_archs: int = option(0, "score a seeded random subset of N unique archs (0: all 6,466)")
-    eval_batches: int = option(0, "score on the first N held-out batches only (0: the whole held-out split)")
-    eval_seed: int = option(0, "seed of the --eval-archs subset and of --eval-gate sample (apart from --seed, so runs score the same archs)")
-    search_budget: int = option(1000, "fitness evaluations of the evolutionary search (0: no search)")
+    eval_gate: str = option("sample", "blocks at scoring: one Gumbel draw per arch, seeded by "
+                            "--eval-seed and the arch (official), or the GATE's argmax",
+                            ("sample", "argmax"))
+    eval_archs: int = option(0, "score a seeded subset of N unique archs (0: all 6,466)")
+    eval_batches: int = option(0, "score on the first N held-out batches only (0: all)")
+    eval_seed: int = option(0, "seed of the --eval-archs subset and of the sampled scoring gate")
+    search_budget: int = option(1000, "fitness evaluations of the search (0: no search)")
     population: int = option(50, "population of the evolutionary search")
     tournament: int = option(10, "tournament sample of the evolutionary search")
-    nb201: str = option("", "NB201 ground truth (compact CSV, official .pth, or NATS-Bench archive) for the ranking metrics")
-    out: str = option("", "output folder (default runs/<close|vanilla>-<data>-C<channels>x<cells>-<epochs>ep-seed<seed>)")
+    nb201: str = option("", "NB201 ground truth (compact CSV, official .pth, or NATS-Bench "
+                        "archive) for the ranking metrics")
+    out: str = option("", "output folder (default: runs/<close|vanilla>-<data>-C<channels>x"
+                      "<cells>-<epochs>ep-seed<seed>)")
 
 
 class UsageError(Exception):
     """A problem with the user's input: reported as one line, never as a traceback."""
 
 
-# ----------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # 1. Search space (NAS-Bench-201)
-# ----------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
 NONE, SKIP, CONV1X1, CONV3X3, AVG_POOL = range(len(OPS))
 # A cell is a DAG on 4 nodes; node 0 is the cell input, node 3 its output. An architecture is
 # the op index on each of these 6 edges (from, to), in the order of the official arch string.
 EDGES = ((0, 1), (0, 2), (1, 2), (0, 3), (1, 3), (2, 3))
 ALL_ARCHS = tuple(itertools.product(range(len(OPS)), repeat=len(EDGES)))  # 5^6 = 15,625
-ALL_ARCHS_INDEX = {arch: i for i, arch in enumerate(ALL_ARCHS)}
 ARCH_FORMAT = "|op~0|+|op~0|op~1|+|op~0|op~1|op~2|"
 
 
 def arch_to_str(arch):
     """(3, 3, 3, 1, 3, 2) -> '|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|...'"""
-    nodes = [[f"{OPS[op]}~{src}" for (src, dst), op in zip(EDGES, arch) if dst == node] for node in (1, 2, 3)]
+    nodes = []
+    for node in (1, 2, 3):
+        nodes.append([f"{OPS[op]}~{src}" for (src, dst), op in zip(EDGES, arch) if dst == node])
     return "+".join("|" + "|".join(node) + "|" for node in nodes)
 
 
 def str_to_arch(text):
-    """The inverse of arch_to_str; anything else raises ValueError naming the string and its first bad token."""
+    """The inverse of arch_to_str; anything else is a ValueError naming the first bad token."""
     tokens = text.replace("|+|", "|").strip("|").split("|") if isinstance(text, str) else []
     ops = [token.partition("~")[0] for token in tokens]
-    problem = next((f"{op!r} is not an op ({', '.join(OPS)})" for op in ops if op not in OPS), None) or next(
-        (f"{token!r} should come from node {src}" for token, (src, _) in zip(tokens, EDGES) if not token.endswith(f"~{src}")), None)
+    problem = None
+    for token, op, (src, _) in zip(tokens, ops, EDGES):
+        if op not in OPS:
+            problem = f"{op!r} is not an op ({', '.join(OPS)})"
+        elif not token.endswith(f"~{src}"):
+            problem = f"{token!r} should come from node {src}"
+        if problem:
+            break
     if problem or len(ops) != len(EDGES) or arch_to_str([OPS.index(op) for op in ops]) != text:
-        raise ValueError(f"not an NB201 architecture string: {text!r} ({problem or 'expected ' + ARCH_FORMAT})")
+        problem = problem or "expected " + ARCH_FORMAT
+        raise ValueError(f"not an NB201 architecture string: {text!r} ({problem})")
     return tuple(OPS.index(op) for op in ops)
 
 
 def as_arch(arch):
-    """An arch as the tuple of its 6 op indices, from that tuple (or list, array) or from its NB201
-    string. Anything else is a ValueError, never a silently different network."""
+    """An arch as the tuple of its 6 op indices, from that tuple (list, array, tensor) or from its
+    NB201 string. Anything else is a ValueError, never a silently different network."""
     if isinstance(arch, str):
         return str_to_arch(arch)
     try:
@@ -124,29 +133,41 @@ def as_arch(arch):
     except TypeError:
         ops = ()
     if len(ops) != len(EDGES) or not all(0 <= op < len(OPS) for op in ops):
-        raise ValueError(f"not an NB201 architecture: {arch!r} (give its string {ARCH_FORMAT} or its 6 op indices 0-4)")
+        raise ValueError(f"not an NB201 architecture: {arch!r} "
+                         f"(give its string {ARCH_FORMAT} or its 6 op indices 0-4)")
     return ops
 
 
-def isomorphism_key(arch):
-    """NB201's rule for 'same cell': write every node as an expression of the input and compare node 3.
+def arch_index(arch):
+    """The arch's index in NB201's order of all 15,625 (its ops as a base-5 number)."""
+    return int("".join(map(str, as_arch(arch))), len(OPS))
 
-    An edge gives the zero symbol '#' when its op is none or its source is exactly '#'; skip_connect
-    passes the source expression; any other op writes '(source)@op'. A node is its sorted, '+'-joined
-    terms, so relabelled nodes and edges made dead by 'none' give the same key. These strings are not
-    injective, so the symbols matter: '#' sorting before '(' yields the benchmark's 6,466 classes ('0': 6,475).
+
+def isomorphism_key(arch):
+    """NB201's rule for 'same cell': write every node as an expression of the input, compare node 3.
+
+    An edge gives the zero symbol '#' when its op is none or its source is exactly '#';
+    skip_connect passes the source expression; any other op writes '(source)@op'. A node is its
+    sorted, '+'-joined terms, so relabelled nodes and edges made dead by 'none' give the same key.
+    The symbols matter: with '#' sorting before '(' the rule yields the benchmark's 6,466 classes.
     """
     expression = ["x"]
     for node in (1, 2, 3):
-        terms = ["#" if op == NONE or expression[src] == "#" else expression[src] if op == SKIP else f"({expression[src]})@{OPS[op]}"
-                 for (src, dst), op in zip(EDGES, as_arch(arch)) if dst == node]
+        terms = []
+        for (src, dst), op in zip(EDGES, as_arch(arch)):
+            if dst != node:
+                continue
+            if op == NONE or expression[src] == "#":
+                terms.append("#")
+            else:
+                terms.append(expression[src] if op == SKIP else f"({expression[src]})@{OPS[op]}")
         expression.append("+".join(sorted(terms)))
     return expression[3]
 
 
 @functools.cache
 def _class_representatives():
-    """isomorphism key -> representative: the first arch of the class in ALL_ARCHS order."""
+    """isomorphism key -> representative: the first arch of the class in NB201's order."""
     representatives = {}
     for arch in ALL_ARCHS:
         representatives.setdefault(isomorphism_key(arch), arch)
@@ -159,12 +180,13 @@ def canonical(arch):
 
 
 def unique_archs():
-    """The 6,466 isomorphism classes of NB201, one representative each (de-isomorphic sampling draws from these)."""
+    """The 6,466 isomorphism classes of NB201, one representative each."""
     return tuple(_class_representatives().values())
 
 
 def live_edges(arch):
-    """Which edges do any work: the source is reachable from the input and the target reaches the output."""
+    """Which edges do any work: the source is reachable from the input, the target reaches the
+    output (through ops other than none)."""
     arch = as_arch(arch)
     reachable = {0}
     for (src, dst), op in zip(EDGES, arch):  # EDGES is topologically ordered by target
@@ -174,17 +196,19 @@ def live_edges(arch):
     for (src, dst), op in reversed(list(zip(EDGES, arch))):
         if dst in reaches_output and op != NONE:
             reaches_output.add(src)
-    return tuple(op != NONE and src in reachable and dst in reaches_output for (src, dst), op in zip(EDGES, arch))
+    return tuple(op != NONE and src in reachable and dst in reaches_output
+                 for (src, dst), op in zip(EDGES, arch))
 
 
 def routed_edges(arch):
-    """The edges whose op has weights and runs: the only ones a sharing assignment decides anything for."""
-    return [e for e, (live, op) in enumerate(zip(live_edges(arch), as_arch(arch))) if live and op in (CONV1X1, CONV3X3)]
+    """The edges whose op has weights and runs: the only ones a sharing assignment matters for."""
+    ops = as_arch(arch)
+    return [e for e, live in enumerate(live_edges(ops)) if live and ops[e] in (CONV1X1, CONV3X3)]
 
 
-# ----------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # 2. Data: uint8 images resident on the device, augmented there in whole batches
-# ----------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 CIFAR10_MEAN = (0.49139968, 0.48215827, 0.44653124)
 CIFAR10_STD = (0.24703233, 0.24348505, 0.26158768)
 HELDOUT_FRACTION = 0.2  # CIFAR-10: 40,000 images train the supernet, 10,000 score architectures
@@ -204,7 +228,7 @@ class Dataset:
 
 
 def synthetic_dataset(train=1024, heldout=256, num_classes=10, seed=0):
-    """Random images whose class sets the mean colour: learnable in seconds, needs no download."""
+    """Random images whose class sets the mean colour: learnable in seconds, no download."""
     generator = torch.Generator().manual_seed(seed)
     palette = torch.randint(40, 216, (num_classes, 3, 1, 1), generator=generator)
     labels = torch.randint(num_classes, (train + heldout,), generator=generator)
@@ -214,7 +238,8 @@ def synthetic_dataset(train=1024, heldout=256, num_classes=10, seed=0):
 
 
 def cifar10_dataset(root):
-    """torchvision's CIFAR-10 train set, split by position as the official code does (its order is random)."""
+    """torchvision's CIFAR-10 train set, split by position as the official code does (its order
+    is random)."""
     import torchvision
     created = not Path(root).exists()
     try:
@@ -222,8 +247,10 @@ def cifar10_dataset(root):
     except (OSError, RuntimeError) as error:  # offline: URLError; a broken archive: RuntimeError
         if created:
             shutil.rmtree(root, ignore_errors=True)
-        raise UsageError(f"CIFAR-10 could not be downloaded into {root} ({str(error).splitlines()[0][:80]}): use --data PATH "
-                         f"(an image-folder tree), --data synthetic, or --data-root DIR holding cifar-10-batches-py") from None
+        raise UsageError(f"CIFAR-10 could not be downloaded into {root} "
+                         f"({str(error).splitlines()[0][:80]}): use --data PATH (an image-folder "
+                         f"tree), --data synthetic, or --data-root DIR holding "
+                         f"cifar-10-batches-py") from None
     images = torch.from_numpy(train_set.data).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor(train_set.targets)
     split = round(len(labels) * (1 - HELDOUT_FRACTION))
@@ -231,17 +258,20 @@ def cifar10_dataset(root):
 
 
 def image_folder_dataset(path, seed=0):
-    """An image-folder tree PATH/train/<class>/*; split by a seeded shuffle, never by position
-    (ImageFolder lists files class by class, so a positional split would hold out whole classes)."""
+    """An image-folder tree PATH/train/<class>/*, split by a seeded shuffle, never by position
+    (ImageFolder lists files class by class: a positional split would hold out whole classes)."""
     import torchvision
     from torchvision.transforms.v2.functional import pil_to_tensor, resize
     root = Path(path) / "train"
     try:
-        folder = torchvision.datasets.ImageFolder(root, transform=lambda image: pil_to_tensor(resize(image, [32, 32])))
+        folder = torchvision.datasets.ImageFolder(
+            root, transform=lambda image: pil_to_tensor(resize(image, [32, 32])))
     except (FileNotFoundError, RuntimeError) as error:
-        raise UsageError(f"--data {path}: not an image-folder tree with train/<class>/<image> ({error})") from None
+        raise UsageError(f"--data {path}: not an image-folder tree with "
+                         f"train/<class>/<image> ({error})") from None
     if len(folder.classes) < 2:
-        raise UsageError(f"--data {path}: {root} holds {len(folder.classes)} class folder(s); need at least 2")
+        raise UsageError(f"--data {path}: {root} holds {len(folder.classes)} class folder(s); "
+                         f"need at least 2")
     try:
         images = torch.stack([image for image, _ in with_progress(folder, f"decoding {root}")])
     except OSError as error:
@@ -250,7 +280,8 @@ def image_folder_dataset(path, seed=0):
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     split = round(len(labels) * (1 - HELDOUT_FRACTION))
     train, heldout = order[:split], order[split:]
-    return Dataset(images[train], labels[train], images[heldout], labels[heldout], len(folder.classes))
+    return Dataset(images[train], labels[train], images[heldout], labels[heldout],
+                   len(folder.classes))
 
 
 def load_dataset(cfg):
@@ -262,14 +293,16 @@ def load_dataset(cfg):
         data = image_folder_dataset(cfg.data)
     else:
         raise UsageError(f"--data {cfg.data}: not 'cifar10', 'synthetic' or a folder")
-    if cfg.train_subset and cfg.train_subset < len(data.train_labels):  # a quick run on real data
-        keep = torch.randperm(len(data.train_labels), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.train_subset]
-        data = Dataset(data.train_images[keep], data.train_labels[keep], data.heldout_images, data.heldout_labels, data.num_classes)
+    if 0 < cfg.train_subset < len(data.train_labels):  # a quick run on real data
+        generator = torch.Generator().manual_seed(cfg.seed)
+        keep = torch.randperm(len(data.train_labels), generator=generator)[:cfg.train_subset]
+        data = Dataset(data.train_images[keep], data.train_labels[keep],
+                       data.heldout_images, data.heldout_labels, data.num_classes)
     return data
 
 
 def normalize(images):
-    """uint8 -> float, CIFAR-10 mean/std normalisation (torchvision's, applied to a whole batch)."""
+    """uint8 -> float, CIFAR-10 mean/std normalisation (torchvision's, on a whole batch)."""
     from torchvision.transforms.v2.functional import normalize as tv_normalize
     return tv_normalize(images.float().div_(255), CIFAR10_MEAN, CIFAR10_STD)
 
@@ -286,34 +319,38 @@ def augment(images):
     flip = torch.rand(batch, 1, device=device) < 0.5
     pixels = torch.arange(32, device=device)
     rows = offset_y + pixels                                          # [B, 32]
-    cols = offset_x + torch.where(flip, 31 - pixels, pixels)          # [B, 32], reversed when flipped
-    out = padded[torch.arange(batch, device=device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
-    return out.permute(0, 3, 1, 2)                                    # [B, 32, 32, C] -> [B, C, 32, 32]
+    cols = offset_x + torch.where(flip, 31 - pixels, pixels)          # [B, 32], reversed if flipped
+    index = torch.arange(batch, device=device)[:, None, None]
+    out = padded[index, :, rows[:, :, None], cols[:, None, :]]        # [B, 32, 32, C]
+    return out.permute(0, 3, 1, 2)
 
 
-# ----------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # 3. CLOSENet: parameters decoupled from operations
-# ----------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # The paper's words and this file's names:
-#   GLOW block: one set of weights for a cell's ops               GlowBlock; a cell's pool: Cell.glow_blocks
-#   K, the number of GLOW blocks per cell                         --blocks, CLOSENet.num_blocks
-#   sharing assignment: which block each edge of an arch uses     SharingAssignment
-#   GATE: graph encoder + MLP that draws the assignment           Gate, CLOSENet.sharing_assignment
-#   sharing extent: how many edges share one block               shrinks as `level` (active blocks) grows
-#   curriculum on the sharing extent                              curriculum_level (section 4)
-#   WIT, weight inheritance training                              add_glow_block (section 4)
-#   vanilla one-shot supernet: one block per edge, no GATE        CLOSENet(baseline=True), --baseline
-MEMORY_FORMAT = torch.channels_last  # faster for these small convolutions on both CPU (oneDNN) and GPU (cuDNN)
+#   GLOW block: one set of weights for a cell's ops          GlowBlock; a cell's pool: glow_blocks
+#   K, the number of GLOW blocks per cell                    --blocks, CLOSENet.num_blocks
+#   sharing assignment: which block each edge of an arch uses  SharingAssignment
+#   GATE: graph encoder + MLP that draws the assignment      Gate, CLOSENet.sharing_assignment
+#   sharing extent: how many edges share one block           shrinks as `level` (active blocks) grows
+#   curriculum on the sharing extent                         curriculum_level (section 4)
+#   WIT, weight inheritance training                         add_glow_block (section 4)
+#   learning-rate restart at 40% of training                 restart_epoch (section 5)
+#   de-isomorphic sampling: one arch per isomorphism class   unique_archs, train_epoch
+#   one-shot evaluation: an arch scored with shared weights  score_arch (section 6)
+#   vanilla one-shot supernet: one block per edge, no GATE   CLOSENet(baseline=True), --baseline
+MEMORY_FORMAT = torch.channels_last  # faster for these small convolutions on CPU and GPU
 
 
 def autocast(device):
-    """bf16 autocast on CUDA, where it pays (the GATE opts out, see gate_logits); fp32 on the CPU."""
+    """bf16 autocast on CUDA, where it pays (the GATE opts out, see gate_logits); fp32 on CPU."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def batch_norm(channels, affine=True):
     # Architectures are always scored with batch statistics (the one-shot protocol), so running
-    # statistics would never be read: we do not keep them, and eval() mode uses batch statistics.
+    # statistics would never be read: none are kept, and eval() mode uses batch statistics.
     return nn.BatchNorm2d(channels, affine=affine, track_running_stats=False)
 
 
@@ -324,30 +361,34 @@ def relu_conv_bn(x, weight):
 
 
 class GlowBlock(nn.Module):
-    """A GLOW block: one set of weights of a cell's parameterised ops (conv1x1, conv3x3). Which block an
-    edge's op uses is decided per architecture by the sharing assignment, not by the edge."""
+    """A GLOW block: one set of weights for a cell's parameterised ops (conv1x1, conv3x3). Which
+    block an edge uses is decided per architecture by the sharing assignment, not by the edge."""
 
     def __init__(self, channels):
         super().__init__()
-        self.conv1x1 = nn.Conv2d(channels, channels, 1, bias=False)  # nn.Conv2d for PyTorch's default init
+        self.conv1x1 = nn.Conv2d(channels, channels, 1, bias=False)  # for PyTorch's default init
         self.conv3x3 = nn.Conv2d(channels, channels, 3, bias=False)
 
     def weight(self, op):
-        return self.conv1x1.weight if op == CONV1X1 else self.conv3x3.weight
+        if op == CONV1X1:
+            return self.conv1x1.weight
+        if op == CONV3X3:
+            return self.conv3x3.weight
+        raise ValueError(f"{OPS[op]} has no weights in a GLOW block")
 
 
 @dataclass
 class SharingAssignment:
-    """Which GLOW block each of the 6 edges uses, in every cell: `blocks`, a list when fixed (vanilla, level 1,
-    scoring) or a device tensor drawn by the GATE in training, when `gate` holds its straight-through
-    weights [6, level] (one-hot at `blocks` in the forward pass)."""
+    """Which GLOW block each of the 6 edges uses, in every cell. `blocks` is a list when fixed
+    (vanilla, level 1, scoring) or a device tensor drawn by the GATE in training, when `gate`
+    holds its straight-through weights [6, level] (one-hot at `blocks` in the forward pass)."""
     blocks: list[int] | torch.Tensor
     gate: torch.Tensor | None = None
 
 
 def glow_op_reference(x, op, edge, glow_blocks, assignment):
-    """The paper's edge output: sum_i gate_i * block_i(x) over the active blocks (every block with
-    autograd, as the official code computes it). The gate is one-hot in the forward pass."""
+    """The paper's edge output: sum_i gate_i * block_i(x) over the active blocks, every block with
+    autograd (as the official code computes it). The gate is one-hot in the forward pass."""
     if assignment.gate is None:
         return relu_conv_bn(x, glow_blocks[assignment.blocks[edge]].weight(op))
     gate = assignment.gate[edge]
@@ -355,11 +396,11 @@ def glow_op_reference(x, op, edge, glow_blocks, assignment):
 
 
 def glow_op(x, op, edge, glow_blocks, assignment):
-    """glow_op_reference, computed fast: the same output, loss and every gradient (test_close.py checks).
+    """glow_op_reference computed fast: the same output, loss and every gradient (tested).
 
     A block with forward weight 0 gets no gradient, so only the chosen block needs autograd; the
-    others are needed for their *values* alone (the gate's gradient is <dL/d out, block_i(x)>), so
-    they run forward-only, fused into one convolution. The choice stays a device tensor: no host sync.
+    others are needed for their *values* alone (the gate's gradient is <dL/d out, block_i(x)>),
+    so they run forward-only, fused into one convolution. The choice stays on the device.
     """
     if assignment.gate is None:
         return relu_conv_bn(x, glow_blocks[assignment.blocks[edge]].weight(op))
@@ -369,16 +410,18 @@ def glow_op(x, op, edge, glow_blocks, assignment):
     chosen = assignment.blocks[edge].view(1)
     out = gate.index_select(0, chosen) * relu_conv_bn(x, weights.index_select(0, chosen)[0])
     if level > 1:
-        others = (chosen + torch.arange(1, level, device=chosen.device)) % level  # the level-1 blocks not chosen
+        # the level-1 blocks not chosen, computed as one conv with (level-1)*C output channels
+        others = (chosen + torch.arange(1, level, device=chosen.device)) % level
         with torch.no_grad():
-            values = relu_conv_bn(x, weights.index_select(0, others).flatten(0, 1))  # one conv, (level-1)*C channels
-        out = UnchosenBlocks.apply(out, gate.index_select(0, others), values.unflatten(1, (level - 1, -1)))
+            values = relu_conv_bn(x, weights.index_select(0, others).flatten(0, 1))
+        values = values.unflatten(1, (level - 1, -1))
+        out = UnchosenBlocks.apply(out, gate.index_select(0, others), values)
     return out
 
 
 class UnchosenBlocks(torch.autograd.Function):
-    """out + sum_k gate_k * value_k for the unchosen blocks, whose gate_k is exactly 0 in the forward
-    pass: the sum adds nothing, so only its gradient is computed, <dL/d out, value_k> for each gate_k."""
+    """out + sum_k gate_k * value_k for the unchosen blocks, whose gate_k is exactly 0 in the
+    forward pass: the sum adds nothing, so only its gradient, <dL/d out, value_k>, is computed."""
 
     @staticmethod
     def forward(ctx, out, gate, values):
@@ -391,13 +434,15 @@ class UnchosenBlocks(torch.autograd.Function):
         values, = ctx.saved_tensors
         batch, blocks, channels = values.shape[:3]
         # one batched matmul over pixels; [B,K,C,H,W] -> [B*H*W, K, C] is a view in channels_last
-        values = values.permute(0, 3, 4, 1, 2).reshape(-1, blocks, channels).float()  # fp32 under bf16 autocast
+        values = values.permute(0, 3, 4, 1, 2).reshape(-1, blocks, channels).float()
         grad = grad_out.permute(0, 2, 3, 1).reshape(-1, channels, 1).float()
         return grad_out, torch.bmm(values, grad).sum((0, 2)).to(ctx.gate_dtype), None
 
 
 def parameter_free_op(x, op):
-    return x if op == SKIP else F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)  # AVG_POOL
+    if op == SKIP:
+        return x
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)  # AVG_POOL
 
 
 class Cell(nn.Module):
@@ -411,10 +456,16 @@ class Cell(nn.Module):
         live = live_edges(arch)
         nodes = [x]
         for node in (1, 2, 3):
-            terms = [glow_op(nodes[src], op, e, self.glow_blocks, assignment) if op in (CONV1X1, CONV3X3)
-                     else parameter_free_op(nodes[src], op)
-                     for e, ((src, dst), op) in enumerate(zip(EDGES, arch)) if dst == node and live[e]]
-            nodes.append(sum(terms) if terms else None)  # only node 3 can be empty: live edges never read empty nodes
+            terms = []
+            for e, ((src, dst), op) in enumerate(zip(EDGES, arch)):
+                if dst != node or not live[e]:
+                    continue
+                if op in (CONV1X1, CONV3X3):
+                    terms.append(glow_op(nodes[src], op, e, self.glow_blocks, assignment))
+                else:
+                    terms.append(parameter_free_op(nodes[src], op))
+            # only node 3 can be empty: live edges never read an empty node
+            nodes.append(sum(terms) if terms else None)
         return nodes[3] if nodes[3] is not None else torch.zeros_like(x)
 
 
@@ -423,8 +474,10 @@ class ResidualReduction(nn.Module):
 
     def __init__(self, c_in, c_out):
         super().__init__()
-        self.a = nn.Sequential(nn.ReLU(), nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False), batch_norm(c_out))
-        self.b = nn.Sequential(nn.ReLU(), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), batch_norm(c_out))
+        self.a = nn.Sequential(nn.ReLU(), nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False),
+                               batch_norm(c_out))
+        self.b = nn.Sequential(nn.ReLU(), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False),
+                               batch_norm(c_out))
         self.shortcut = nn.Sequential(nn.AvgPool2d(2, 2), nn.Conv2d(c_in, c_out, 1, bias=False))
 
     def forward(self, x):
@@ -432,18 +485,15 @@ class ResidualReduction(nn.Module):
 
 
 class Gate(nn.Module):
-    """The GATE: a graph encoder of the architecture and, per edge, an MLP giving one logit per block.
+    """The GATE: a graph encoder of the architecture and, per edge, an MLP giving one logit per
+    block. Encoder (GATES-style, node level): node 0 starts from a learned embedding, nodes 1-3
+    from zero; each graph layer sends node j's message W h_j to node i through an attention vector
+    made from the op on edge j->i (zero when that op is none), so the ops steer the information
+    flow. The widths (op embedding 48, lift 96, 5 graph layers of 128, MLP 200) are the official
+    NB201 config."""
 
-    Encoder (GATES-style, node level): node 0 starts from a learned embedding, nodes 1-3 from zero;
-    each graph layer sends node j's message W h_j to node i through an attention vector made from
-    the op on edge j->i (zero when that op is none), so the ops steer the information flow. The
-    widths (op embedding 48, lift 96, 5 graph layers of 128, MLP 200) are the official NB201 config.
-    normalize: a parameter-free LayerNorm on the node features before the MLP (ours). At PyTorch's
-    default init the graph layers shrink the features ~17x and the MLP's biases drown what is left
-    of the architecture: a fresh GATE's logits vary by ~1e-4 across archs, and it learns slowly.
-    """
-
-    def __init__(self, num_blocks, embedding=48, hidden=96, graph_layers=(128,) * 5, mlp=200, dropout=0.1, normalize=False):
+    def __init__(self, num_blocks, embedding=48, hidden=96, graph_layers=(128,) * 5, mlp=200,
+                 dropout=0.1):
         super().__init__()
         self.op_embedding = nn.Embedding(len(OPS), embedding)
         self.input_node_embedding = nn.Parameter(torch.randn(embedding))
@@ -451,12 +501,11 @@ class Gate(nn.Module):
         widths = (hidden,) + tuple(graph_layers)
         self.messages = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in zip(widths, widths[1:]))
         self.attention = nn.ModuleList(nn.Linear(embedding, b) for b in widths[1:])
-        self.node_norm = nn.LayerNorm(widths[-1], elementwise_affine=False) if normalize else nn.Identity()
         self.mlp = nn.Sequential(
             nn.Linear(2 * widths[-1], mlp), nn.ReLU(), nn.Dropout(dropout),
             nn.Linear(mlp, mlp), nn.ReLU(), nn.Dropout(dropout),
             nn.Linear(mlp, mlp), nn.ReLU(), nn.Dropout(dropout),
-            nn.Linear(mlp, num_blocks))  # row i scores block i; only the first `level` rows are used
+            nn.Linear(mlp, num_blocks))  # row i scores block i; only the first `level` are used
         self.register_buffer("edge_src", torch.tensor([s for s, _ in EDGES]), persistent=False)
         self.register_buffer("edge_dst", torch.tensor([d for _, d in EDGES]), persistent=False)
 
@@ -464,73 +513,86 @@ class Gate(nn.Module):
         """archs: long tensor [..., 6] (one arch or a batch) -> logits [..., 6, num_blocks]."""
         op_matrix = archs.new_zeros(*archs.shape[:-1], 4, 4)
         op_matrix[..., self.edge_dst, self.edge_src] = archs
-        op_features = self.op_embedding(op_matrix)                      # [..., to, from, embedding]
+        op_features = self.op_embedding(op_matrix)                    # [..., to, from, embedding]
         is_edge = (op_matrix != NONE).unsqueeze(-1)
-        h = self.lift(F.pad(self.input_node_embedding[None], (0, 0, 0, 3)))  # node 0: learned; nodes 1-3: zeros
-        h = h.expand(*archs.shape[:-1], *h.shape)
+        nodes = F.pad(self.input_node_embedding[None], (0, 0, 0, 3))  # node 0 learned, 1-3 zero
+        h = self.lift(nodes).expand(*archs.shape[:-1], 4, -1)
         for layer, (message, attention) in enumerate(zip(self.messages, self.attention)):
-            support = message(h)                                        # [..., node, width]
-            att = torch.sigmoid(attention(op_features)) * is_edge       # [..., to, from, width]
+            support = message(h)                                      # [..., node, width]
+            att = torch.sigmoid(attention(op_features)) * is_edge     # [..., to, from, width]
             h_next = torch.einsum("...ijw,...jw->...iw", att, support)
-            h = torch.cat([h_next[..., :1, :] + support[..., :1, :], h_next[..., 1:, :]], dim=-2)  # node 0 keeps its message
+            # node 0 has no incoming edges: it keeps its own message
+            h = torch.cat([h_next[..., :1, :] + support[..., :1, :], h_next[..., 1:, :]], dim=-2)
             if layer < len(self.messages) - 1:
                 h = F.relu(h)
-        h = self.node_norm(h)
         return self.mlp(torch.cat([h[..., self.edge_src, :], h[..., self.edge_dst, :]], dim=-1))
 
+    @torch.no_grad()
+    def grow(self, new):
+        """WIT for the GATE (official): block `new`'s logit row gets its parent's row added."""
+        last = self.mlp[-1]
+        last.weight[new] += last.weight[new - 1]
+        last.bias[new] += last.bias[new - 1]
 
-GUMBEL_TEMPERATURE = 5.0  # the official NB201 config; the forward draw is argmax(logits + Gumbel) whatever it is
+
+GUMBEL_TEMPERATURE = 5.0  # the official NB201 config; the forward draw is argmax(logits + Gumbel)
 
 
 class CLOSENet(nn.Module):
-    """NB201 supernet whose cells draw op weights from a pool of GLOW blocks (baseline=True: vanilla)."""
+    """NB201 supernet whose cells draw op weights from a pool of GLOW blocks (baseline: vanilla)."""
 
-    def __init__(self, channels=16, cells=5, num_blocks=5, num_classes=10, baseline=False, gate_norm=False):
+    def __init__(self, channels=16, cells=5, num_blocks=5, num_classes=10, baseline=False):
         super().__init__()
         self.baseline = baseline
         self.num_blocks = len(EDGES) if baseline else num_blocks
         self.level = self.num_blocks if baseline else 1  # active blocks (curriculum level)
-        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1, bias=False), batch_norm(channels))
+        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1, bias=False),
+                                  batch_norm(channels))
         layers = []
         for stage, width in enumerate((channels, 2 * channels, 4 * channels)):
             if stage:
                 layers.append(ResidualReduction(width // 2, width))
             layers += [Cell(width, self.num_blocks) for _ in range(cells)]
         self.layers = nn.ModuleList(layers)
-        self.head = nn.Sequential(batch_norm(4 * channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                  nn.Dropout(0.1), nn.Linear(4 * channels, num_classes))
-        self.gate = None if baseline else Gate(num_blocks, normalize=gate_norm)
-        # Every arch as a device tensor, so the GATE's input never crosses from the host in a step.
-        self.register_buffer("all_archs", torch.tensor(ALL_ARCHS), persistent=False)
+        self.head = nn.Sequential(batch_norm(4 * channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                  nn.Flatten(), nn.Dropout(0.1), nn.Linear(4 * channels, num_classes))
+        self.gate = None if baseline else Gate(num_blocks)
 
     def cells(self):
         return [layer for layer in self.layers if isinstance(layer, Cell)]
 
     def gate_logits(self, archs):
-        """The GATE's logits over the active blocks: [6, level] for one arch, [N, 6, level] for a list.
-        Always fp32: bf16 would round them by ~5e-4, more than a fresh GATE's architecture signal."""
-        many = not isinstance(archs, str) and not isinstance(archs[0], (int, np.integer))
-        index = torch.tensor([ALL_ARCHS_INDEX[as_arch(a)] for a in archs]) if many else ALL_ARCHS_INDEX[as_arch(archs)]
-        with torch.autocast(self.all_archs.device.type, enabled=False):
-            return self.gate(self.all_archs[index])[..., :self.level]
+        """The GATE's logits over the active blocks: [6, level] for one arch, [N, 6, level] for a
+        list of archs or a long tensor [N, 6]. Always fp32: bf16 would round them by ~5e-4, more
+        than a fresh GATE's architecture signal."""
+        device = self.gate.edge_src.device
+        if not isinstance(archs, torch.Tensor):
+            single = isinstance(archs, str) or isinstance(archs[0], (int, np.integer))
+            ops = as_arch(archs) if single else [as_arch(arch) for arch in archs]
+            # non-blocking: the host queues the copy and goes on, no wait for the device mid-step
+            archs = torch.tensor(ops).to(device, non_blocking=True)
+        with torch.autocast(device.type, enabled=False):
+            return self.gate(archs.to(device))[..., :self.level]
 
-    def sharing_assignment(self, arch, sample_seed=None):
-        """Training: a straight-through Gumbel draw from the GATE. Scoring (eval mode): its argmax, or
-        with sample_seed one seeded Gumbel draw, as the official scorer does."""
+    def sharing_assignment(self, arch, eval_gate="sample", seed=0):
+        """Which block each edge uses. Vanilla: its own; level 1: block 0. Training: a straight-
+        through Gumbel draw from the GATE. Scoring (eval mode), as the command line does by
+        default: one Gumbel draw seeded by `seed` and the arch (the official scorer; the same in
+        any scoring order), or with eval_gate='argmax' the GATE's argmax."""
         if self.baseline:
-            return SharingAssignment(blocks=list(range(len(EDGES))))  # vanilla: edge e always uses its own block e
+            return SharingAssignment(blocks=list(range(len(EDGES))))
         if self.level == 1:
-            return SharingAssignment(blocks=[0] * len(EDGES))  # everything shared; the GATE has nothing to choose
+            return SharingAssignment(blocks=[0] * len(EDGES))  # all shared: nothing to choose
         logits = self.gate_logits(arch)
-        if self.training:
-            # Gumbel-softmax with straight-through: forward one-hot, gradient of the soft probabilities.
+        if self.training:  # forward one-hot, gradient of the soft probabilities
             gate = F.gumbel_softmax(logits, tau=GUMBEL_TEMPERATURE, hard=True)
             return SharingAssignment(blocks=gate.argmax(-1), gate=gate)
-        if sample_seed is None:
+        if eval_gate == "argmax":
             return SharingAssignment(blocks=logits.argmax(-1).tolist())
-        # argmax(logits + Gumbel noise) is a draw from softmax(logits): the library's categorical draw
-        generator = torch.Generator().manual_seed(sample_seed)
-        return SharingAssignment(blocks=torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator)[:, 0].tolist())
+        # argmax(logits + Gumbel noise) is a draw from softmax(logits): the library's draw
+        generator = torch.Generator().manual_seed(seed * len(ALL_ARCHS) + arch_index(arch))
+        draw = torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator)
+        return SharingAssignment(blocks=draw[:, 0].tolist())
 
     def forward(self, images, arch, assignment=None):
         arch = as_arch(arch)
@@ -550,70 +612,62 @@ class CLOSENet(nn.Module):
 
 
 def build_model(cfg, num_classes, device):
-    torch.manual_seed(cfg.seed)  # training draws from torch's RNG only (init, sampling, augmentation, Gumbel noise)
-    model = CLOSENet(cfg.channels, cfg.cells, cfg.blocks, num_classes, cfg.baseline, cfg.gate_norm == "layernorm")
+    torch.manual_seed(cfg.seed)  # training draws from torch's generators only
+    model = CLOSENet(cfg.channels, cfg.cells, cfg.blocks, num_classes, cfg.baseline)
     return model.to(device, memory_format=MEMORY_FORMAT)
 
 
-# ----------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # 4. Curriculum on the sharing extent
-# ----------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 def curriculum_level(epoch, epochs, num_blocks):
-    """Active blocks at 0-based `epoch`: one more every epochs/K epochs (official: 1000 epochs, every 200)."""
+    """Active blocks at 0-based `epoch`: one more every epochs/K epochs (official: 1000, every 200)."""
     return min(num_blocks, 1 + epoch * num_blocks // epochs)
 
 
-GROWTH_NOISE = 0.1  # 'perturb': each filter of the new block differs from its parent's by exactly this relative norm
-
-
 @torch.no_grad()
-def add_glow_block(model, rule="official"):
-    """Activate the next block with WIT (weight inheritance) from the previous one, in place (the
-    optimizer keeps training the same tensors).
-
-    'copy': the block and its GATE logit row are exact copies. The network computes what it did, but
-    the twins silence the GATE: equal blocks give equal <dL/d out, block_i(x)>, and with equal logit
-    rows the gradient into the GATE's hidden layers is exactly zero.
-    'official': the parent's weights are *added* to the new block's fresh initialisation, and the
-    parent's logit row to the new row's: the twins differ, but an edge routed to the new block
-    computes something quite different.
-    'perturb' (ours): each filter of the block is its parent's plus noise of GROWTH_NOISE of its norm,
-    so an edge routed to it changes by about that much; the logit row is inherited as in 'official',
-    keeping the new row's random, architecture-dependent initialisation.
-    """
+def add_glow_block(model):
+    """Activate the next GLOW block with WIT, in place (the optimizer keeps training the same
+    tensors). As in the official code, the parent block's weights are *added* to the new block's
+    fresh initialisation, and the GATE's logit row likewise. An exact copy would silence the GATE:
+    twin blocks give equal <dL/d out, block_i(x)>, and twin logit rows no gradient at all into
+    its hidden layers and encoder."""
     new = model.level
     for cell in model.cells():
-        for inherited, parent in zip(cell.glow_blocks[new].parameters(), cell.glow_blocks[new - 1].parameters()):
-            if rule == "official":
-                inherited.add_(parent)
-            else:
-                inherited.copy_(parent)
-            if rule == "perturb":
-                noise, norm = torch.randn_like(parent), functools.partial(torch.linalg.vector_norm, dim=(1, 2, 3), keepdim=True)
-                inherited.add_(noise * (GROWTH_NOISE * norm(parent) / norm(noise)))
-    last = model.gate.mlp[-1]
-    for row in (last.weight, last.bias):
-        row[new] = row[new - 1] if rule == "copy" else row[new] + row[new - 1]
+        parent = cell.glow_blocks[new - 1].parameters()
+        for inherited, weight in zip(cell.glow_blocks[new].parameters(), parent):
+            inherited.add_(weight)
+    model.gate.grow(new)
     model.level = new + 1
 
 
-# ----------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # 5. Training (the official recipe, scaled to --epochs)
-# ----------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 def make_optimizer(model, cfg):
-    """SGD over everything, the official recipe. The GATE is its own parameter group with its own
-    weight decay (official 5e-4): its gradient is ~1e-3 of decay's pull, so decay erases what it learns."""
-    gate = list(model.gate.parameters()) if model.gate is not None else []
-    rest = [p for p in model.parameters() if all(p is not q for q in gate)]
-    groups = [{"params": rest}] + ([{"params": gate, "weight_decay": cfg.gate_weight_decay}] if gate else [])
-    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    """SGD over everything, the GATE included, and the plateau schedule: the official recipe."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    if model.gate is not None:
+        optimizer.register_step_pre_hook(lambda *_: decay_the_idle_gate(model))
     patience = max(1, round(30 * cfg.epochs / 1000))  # official: 30 epochs in 1,000
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=patience, threshold=1e-4)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5,
+                                                           patience=patience, threshold=1e-4)
     return optimizer, scheduler
 
 
+def decay_the_idle_gate(model):
+    """At level 1 the GATE is out of the graph and SGD would skip it (no gradient). The official
+    code still decays it there, so a zero gradient lets SGD do the same: level 2 starts from a
+    GATE shrunk by weight decay, in any training loop that uses make_optimizer."""
+    if model.level == 1:
+        for p in model.gate.parameters():
+            p.grad = torch.zeros_like(p)
+
+
 def restart_epoch(cfg):
-    """The official run restarts the optimizer (lr back to 0.05, fresh momentum) at epoch 401 of 1,000."""
+    """The official run restarts the optimizer (lr back to 0.05, fresh momentum) at epoch 401 of
+    1,000: the learning-rate restart, at 40% of training."""
     return int(0.4 * cfg.epochs)
 
 
@@ -623,37 +677,15 @@ def train_step(model, optimizer, images, labels, arch, grad_clip):
     loss = F.cross_entropy(logits.float(), labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if model.level == 1 and model.gate is not None:
-        # The GATE is out of the graph at level 1. A zero gradient (not None) lets SGD apply the GATE's
-        # weight decay, as the official code does; with --gate-weight-decay 0 the GATE stays as it is.
-        for p in model.gate.parameters():
-            p.grad = torch.zeros_like(p)
     nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     return loss.detach(), logits.detach()
 
 
-@dataclass
-class EpochProgress:
-    """One pass over the training split, which can stop after any step and continue exactly."""
-    order: torch.Tensor    # the image order of this pass
-    losses: torch.Tensor   # per step: loss x batch size, kept on the device (read once, at the end)
-    correct: torch.Tensor  # training images classified correctly so far
-    lr: float              # the learning rate the pass started with
-    archs: list = field(default_factory=list)  # each step's arch, to name the one that breaks the loss
-    step: int = 0          # steps done
-    seconds: float = 0.0   # time spent in this pass, across a stop and resume
-
-    @classmethod
-    def begin(cls, data, cfg, lr):
-        device, steps = data.train_labels.device, math.ceil(len(data.train_labels) / cfg.batch_size)
-        return cls(torch.randperm(len(data.train_labels), device=device), torch.zeros(steps, device=device),
-                   torch.zeros((), device=device), lr)
-
-
 def train_epoch(model, optimizer, data, cfg, progress, stop=None):
-    """One pass over the training split, one uniformly drawn unique architecture per step (de-isomorphic
-    sampling). Nothing is read back to the host inside the pass; a stop request ends it after a step."""
+    """One pass over the training split (resumable: `progress` holds where it is), one uniformly
+    drawn unique architecture per step (de-isomorphic sampling). Nothing is read back to the host
+    inside the pass; a stop request ends it after a step."""
     model.train()
     archs, started = unique_archs(), time.time()
     for step in with_progress(range(progress.step, len(progress.losses)), "steps"):
@@ -662,86 +694,67 @@ def train_epoch(model, optimizer, data, cfg, progress, stop=None):
         arch = archs[torch.randint(len(archs), ()).item()]  # CPU generator: no device sync
         batch = progress.order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
         images = normalize(augment(data.train_images[batch])).contiguous(memory_format=MEMORY_FORMAT)
-        loss, logits = train_step(model, optimizer, images, data.train_labels[batch], arch, cfg.grad_clip)
+        labels = data.train_labels[batch]
+        loss, logits = train_step(model, optimizer, images, labels, arch, cfg.grad_clip)
         progress.losses[step] = loss * len(batch)
-        progress.correct += (logits.argmax(1) == data.train_labels[batch]).sum()
+        progress.correct += (logits.argmax(1) == labels).sum()
         progress.archs.append(arch)
         progress.step = step + 1
     progress.seconds += time.time() - started
 
 
-@dataclass
-class TrainingState:
-    """Everything the schedule changes as it goes. With the model's weights (and level), its state_dict()
-    is all an exact resume needs: torch's generators are the only ones training draws from."""
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
-    epoch: int = 0                        # epochs finished
-    epoch_progress: EpochProgress | None = None  # the pass under way, when a stop interrupted it
-
-    def state_dict(self):
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "epoch": self.epoch,
-                "epoch_progress": vars(self.epoch_progress) if self.epoch_progress else None,
-                "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-
-    def load_state_dict(self, state):
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.epoch, progress = state["epoch"], state["epoch_progress"]
-        self.epoch_progress = EpochProgress(**progress) if progress else None
-        torch.set_rng_state(state["rng"]["cpu"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-
-
 def train(model, data, cfg, state, stop=None, epoch_done=lambda finished: None):
-    """CLOSE's schedule: at each epoch, grow the pool up to the curriculum level (WIT), restart the
-    optimizer at 40%, make one pass, and step the plateau scheduler on the epoch's loss. Returns False
-    when a stop request ended a pass early (state then holds where to continue)."""
+    """CLOSE's schedule: at each epoch, grow the pool to the curriculum level (WIT), restart the
+    optimizer at 40%, make one pass, and step the plateau scheduler on the epoch's mean loss.
+    `state` (section 8) holds the optimizer, the scheduler and where training is. Returns False
+    when a stop request ended a pass early."""
     for epoch in range(state.epoch, cfg.epochs):
-        if state.epoch_progress is None:  # a new pass (a stopped one had grown and restarted already)
+        if state.epoch_progress is None:  # a new pass (a stopped one had grown and restarted)
             while model.level < curriculum_level(epoch, cfg.epochs, model.num_blocks):
-                add_glow_block(model, cfg.growth)
+                add_glow_block(model)
             if epoch == restart_epoch(cfg) > 0:
                 state.optimizer, state.scheduler = make_optimizer(model, cfg)
-            state.epoch_progress = EpochProgress.begin(data, cfg, state.optimizer.param_groups[0]["lr"])
+            lr = state.optimizer.param_groups[0]["lr"]
+            state.epoch_progress = EpochProgress.begin(data, cfg, lr)
         train_epoch(model, state.optimizer, data, cfg, state.epoch_progress, stop)
         finished = state.epoch_progress
         if finished.step < len(finished.losses):
             return False
-        state.scheduler.step(sum(finished.losses.tolist()) / len(finished.order))  # the epoch's mean training loss
+        state.scheduler.step(sum(finished.losses.tolist()) / len(finished.order))
         state.epoch, state.epoch_progress = epoch + 1, None
         epoch_done(finished)
     return True
 
 
-# ----------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # 6. Evaluation: one-shot scores, the GATE's health, ranking metrics
-# ----------------------------------------------------------------------------------------------
-def heldout_count(data, cfg):
-    """How many held-out images score an architecture: the first --eval-batches batches, or all."""
-    return min(len(data.heldout_labels), cfg.eval_batches * cfg.batch_size or len(data.heldout_labels))
-
-
+# -------------------------------------------------------------------------------------------------
 def heldout_set(data, cfg):
-    """The held-out images that score architectures, normalised once."""
-    count = heldout_count(data, cfg)
-    return normalize(data.heldout_images[:count]).contiguous(memory_format=MEMORY_FORMAT), data.heldout_labels[:count]
+    """The held-out images that score architectures (the first --eval-batches batches, or all),
+    normalised once."""
+    count = cfg.eval_batches * cfg.batch_size or len(data.heldout_labels)
+    images = normalize(data.heldout_images[:count]).contiguous(memory_format=MEMORY_FORMAT)
+    return images, data.heldout_labels[:count]
 
 
 def archs_to_score(cfg, chosen=()):
-    """The given archs, or the unique archs (a subset seeded by --eval-seed: every run scores the same ones)."""
-    archs = chosen or unique_archs()
-    return tuple(random.Random(cfg.eval_seed).sample(archs, cfg.eval_archs)) if not chosen and 0 < cfg.eval_archs < len(archs) else archs
+    """The given archs, or the unique archs (a subset seeded by --eval-seed: every run scores the
+    same ones)."""
+    if chosen:
+        return chosen
+    if 0 < cfg.eval_archs < len(unique_archs()):
+        return tuple(random.Random(cfg.eval_seed).sample(unique_archs(), cfg.eval_archs))
+    return unique_archs()
 
 
 @torch.no_grad()
-def score_arch(model, arch, images, labels, batch_size, assignment=None):
-    """One-shot accuracy (%) and loss of arch on held-out data: dropout off, BN on batch statistics
-    (eval() does both here), the GATE's argmax assignment unless one is given; means of per-batch values."""
+def score_arch(model, arch, images, labels, batch_size, eval_gate="sample", seed=0):
+    """One-shot evaluation: accuracy (%) and loss of arch on held-out data with the supernet's
+    weights; dropout off, BN on batch statistics (eval() does both here), blocks as
+    model.sharing_assignment gives them; means of per-batch values."""
     model.eval()
     arch = as_arch(arch)
-    assignment = assignment or model.sharing_assignment(arch)
+    assignment = model.sharing_assignment(arch, eval_gate, seed)
     accuracies, losses = [], []
     for start in range(0, len(labels), batch_size):
         x, y = images[start:start + batch_size], labels[start:start + batch_size]
@@ -752,22 +765,19 @@ def score_arch(model, arch, images, labels, batch_size, assignment=None):
     return torch.stack(accuracies).mean().item(), torch.stack(losses).mean().item()
 
 
-def scoring_assignment(model, arch, eval_gate="argmax", seed=0):
-    """The blocks an arch is scored with: the GATE's argmax, or (eval_gate='sample', the official
-    scorer) one Gumbel draw seeded by the arch itself, so it is the same in any scoring order."""
-    model.eval()
-    return model.sharing_assignment(arch, None if eval_gate == "argmax" else seed * len(ALL_ARCHS) + ALL_ARCHS_INDEX[as_arch(arch)])
-
-
 def edges_per_block(model, archs, cfg):
-    """How many routed edges of `archs` each block scores: a collapsed GATE sends them all to one block."""
-    blocks = [scoring_assignment(model, a, cfg.eval_gate, cfg.eval_seed).blocks[e] for a in archs for e in routed_edges(a)]
+    """How many routed edges of `archs` each block scores: a collapsed GATE sends all to one."""
+    model.eval()
+    blocks = []
+    for arch in archs:
+        assignment = model.sharing_assignment(arch, cfg.eval_gate, cfg.eval_seed)
+        blocks += [assignment.blocks[e] for e in routed_edges(arch)]
     return np.bincount(blocks, minlength=model.num_blocks).tolist()
 
 
 @functools.cache
 def probe_archs():
-    """The fixed probe set of gate_health: 500 unique archs (seeded, independent of any run's seed)."""
+    """The fixed probe set of gate_health: 500 unique archs (seeded, the same in every run)."""
     return tuple(random.Random(0).sample(unique_archs(), 500))
 
 
@@ -775,60 +785,35 @@ def probe_archs():
 def gate_health(model, archs):
     """Is the GATE routing by architecture, or blind, or collapsed? Over the routed edges (live,
     with weights) of `archs`, in eval mode, over the active blocks:
-    spread: std over edges of the logits, centred per edge (softmax ignores a shift), mean over blocks:
-        ~1e-4 for a fresh official GATE; below 0.05 no block's odds move by more than ~5% across archs;
-    off_dominant: share of edges whose argmax is not the block most edges' argmax picks (0: collapsed);
-    entropy: mean entropy of softmax(logits), the distribution a training step draws blocks from
-        (Gumbel-max), over log(level): 1 = uniform random routing, 0 = deterministic."""
+    spread: std over edges of the logits, centred per edge (softmax ignores a shift), mean over
+        blocks: ~1e-4 for a fresh GATE; below 0.05 no block's odds move by more than ~5%;
+    off_dominant: share of edges whose argmax is not the block most edges pick (0: collapsed);
+    entropy: mean entropy of softmax(logits), the distribution training draws blocks from,
+        over log(level): 1 = uniform random routing, 0 = deterministic."""
     if model.gate is None or model.level == 1:
         return {"spread": None, "off_dominant": None, "entropy": None}
     training = model.training
     routed = torch.tensor([[e in routed_edges(arch) for e in range(len(EDGES))] for arch in archs])
-    logits = model.eval().gate_logits(archs)[routed]  # [edges, level]
+    logits = model.eval().gate_logits(archs)[routed.to(model.gate.edge_src.device)]  # [edges, level]
     model.train(training)
     p = logits.softmax(-1)
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(-1) / math.log(model.level)
     return {"spread": (logits - logits.mean(-1, keepdim=True)).std(0).mean().item(),
             "off_dominant": 1 - torch.bincount(logits.argmax(-1)).max().item() / len(logits),
-            "entropy": (-(p * p.clamp_min(1e-12).log()).sum(-1) / math.log(model.level)).mean().item()}
+            "entropy": entropy.mean().item()}
 
 
 def describe_gate(health):
     """gate_health in words; '' when no GATE is at work (vanilla, level 1)."""
     if health["spread"] is None:
         return ""
-    verdict = (" BLIND: the routing barely depends on the architecture" if health["spread"] < 0.05 else
-               " COLLAPSED: one block takes every edge" if health["off_dominant"] < 0.01 else "")
-    return (f"GATE spread {health['spread']:.2g}, {100 * health['off_dominant']:.0f}% off the main block, "
-            f"entropy {health['entropy']:.2f}{verdict}")
-
-
-@torch.no_grad()
-def block_preference(model, archs, images, labels, batch_size):
-    """Is there anything for the GATE to learn, and how much of it does it capture?
-
-    Every arch is scored with all its edges forced onto block b, for each active block, on two
-    disjoint halves of `images`. Removing each arch's mean loss and each block's mean loss leaves the
-    arch-specific preference for a block; `agreement` is its correlation between the halves (near 0:
-    noise, nothing to learn). An arch's best block is the one with the lowest loss: `best_block_agreement`
-    is how often the halves pick the same one, `gate_hits` the share of routed edges whose GATE argmax
-    is their arch's best block. The gains are held-out loss below an average block's: `gain_best_block`
-    routing each arch to its best block, `gain_single_block` the block best on average (both picked on
-    one half, measured on the other), `gain_gate` the GATE's own routing."""
-    half = len(labels) // 2
-    halves = [(images[:half], labels[:half]), (images[half:2 * half], labels[half:2 * half])]
-    loss = torch.tensor([[[score_arch(model, arch, x, y, batch_size, SharingAssignment([block] * len(EDGES)))[1]
-                           for block in range(model.level)] for arch in archs] for x, y in halves])   # [half, arch, block]
-    gate_loss = torch.tensor([[score_arch(model, arch, x, y, batch_size)[1] for arch in archs] for x, y in halves])
-    preference = loss - loss.mean(2, keepdim=True) - loss.mean(1, keepdim=True) + loss.mean((1, 2), keepdim=True)
-    best, best_overall, average = loss.argmin(2), loss.mean(0).argmin(1), loss.mean(2)   # [half, arch], [arch], [half, arch]
-    hits = [model.eval().sharing_assignment(arch).blocks[e] == best_overall[i] for i, arch in enumerate(archs) for e in routed_edges(arch)]
-    return {"archs": len(archs), "level": model.level, "images_per_half": half,
-            "agreement": scipy.stats.pearsonr(preference[0].flatten(), preference[1].flatten()).statistic.item(),
-            "best_block_agreement": (best[0] == best[1]).float().mean().item(), "gate_hits": float(np.mean(hits)),
-            "preference_std": preference.std().item(), "arch_loss_std": average.std(1).mean().item(),
-            "gain_best_block": (average[1] - loss[1].gather(1, best[0, :, None])[:, 0]).mean().item(),
-            "gain_single_block": (average[1] - loss[1, :, loss[0].mean(0).argmin()]).mean().item(),
-            "gain_gate": (average - gate_loss).mean().item()}
+    verdict = ""
+    if health["spread"] < 0.05:
+        verdict = " BLIND: the routing barely depends on the architecture"
+    elif health["off_dominant"] < 0.01:
+        verdict = " COLLAPSED: one block takes every edge"
+    return (f"GATE spread {health['spread']:.2g}, {100 * health['off_dominant']:.0f}% off the "
+            f"main block, entropy {health['entropy']:.2f}{verdict}")
 
 
 def descending_ranks(values):
@@ -839,12 +824,14 @@ def descending_ranks(values):
 def ranking_metrics(predicted, truth, ratios=(0.01, 0.05, 0.1, 0.5)):
     """How well one-shot scores rank architectures against their true accuracies.
 
-    P@topK: share of the predicted top-k (k = int(N * ratio)) whose true rank is within the true top-k;
-    P@bottomK likewise from the bottom. BR@K / WR@K: 1 + best / worst true rank in the predicted top-k.
+    P@topK: share of the predicted top-k (k = int(N * ratio)) whose true rank is within the true
+    top-k; P@bottomK likewise from the bottom. BR@K / WR@K: 1 + best / worst true rank in the
+    predicted top-k.
     """
     predicted, truth = np.asarray(predicted, dtype=float), np.asarray(truth, dtype=float)
-    if np.isnan(predicted).any() or np.isnan(truth).any():
-        raise ValueError(f"ranking_metrics: NaN in the {'predicted scores' if np.isnan(predicted).any() else 'truth'}")
+    for name, values in (("predicted scores", predicted), ("truth", truth)):
+        if np.isnan(values).any():
+            raise ValueError(f"ranking_metrics: NaN in the {name}")
     n = len(predicted)
     metrics = {"n": n,
                "kendall_tau": scipy.stats.kendalltau(predicted, truth).statistic,
@@ -854,15 +841,12 @@ def ranking_metrics(predicted, truth, ratios=(0.01, 0.05, 0.1, 0.5)):
     predicted_order = np.argsort(-predicted, kind="stable")
     for ratio in ratios:
         k, name = int(n * ratio), f"{ratio * 100:g}%"
-        if k == 0:
-            metrics.update({f"P@top{name}": None, f"P@bottom{name}": None, f"BR@{name}": None, f"WR@{name}": None})
-            continue
         top, bottom = predicted_order[:k], predicted_order[::-1][:k]
-        metrics[f"P@top{name}"] = float(np.mean(rank_from_top[top] < k))
-        metrics[f"P@bottom{name}"] = float(np.mean(rank_from_bottom[bottom] < k))
-        metrics[f"BR@{name}"] = int(1 + rank_from_top[top].min())
-        metrics[f"WR@{name}"] = int(1 + rank_from_top[top].max())
-    return {key: (float(value) if isinstance(value, np.floating) else value) for key, value in metrics.items()}
+        metrics[f"P@top{name}"] = float(np.mean(rank_from_top[top] < k)) if k else None
+        metrics[f"P@bottom{name}"] = float(np.mean(rank_from_bottom[bottom] < k)) if k else None
+        metrics[f"BR@{name}"] = int(1 + rank_from_top[top].min()) if k else None
+        metrics[f"WR@{name}"] = int(1 + rank_from_top[top].max()) if k else None
+    return {key: float(v) if isinstance(v, np.floating) else v for key, v in metrics.items()}
 
 
 @dataclass
@@ -877,22 +861,25 @@ def load_ground_truth(path):
     try:
         import nb201_api_slim
     except ImportError:
-        raise UsageError("--nb201 needs nb201_api_slim.py next to close.py (both come from the same repository)") from None
+        raise UsageError("--nb201 needs nb201_api_slim.py next to close.py (both come from the "
+                         "same repository)") from None
     try:
         table = nb201_api_slim.load(path)
-        by_class = table.group_accuracies(lambda text: canonical(str_to_arch(text)), dataset="cifar10")
+        by_class = table.group_accuracies(lambda text: canonical(str_to_arch(text)), "cifar10")
     except (OSError, ValueError) as error:
         raise UsageError(f"--nb201 {path}: {error}") from None
-    missing = len(unique_archs()) - len(by_class.keys() & set(unique_archs()))
+    missing = len(set(unique_archs()) - by_class.keys())
     if missing:
-        raise UsageError(f"--nb201 {path}: no CIFAR-10 accuracy for {missing} of the {len(unique_archs())} isomorphism classes")
+        raise UsageError(f"--nb201 {path}: no CIFAR-10 accuracy for {missing} of the "
+                         f"{len(unique_archs())} isomorphism classes")
     class_rank = dict(zip(by_class, (descending_ranks(list(by_class.values())) + 1).tolist()))
-    return GroundTruth({a: by_class[canonical(a)] for a in ALL_ARCHS}, {a: class_rank[canonical(a)] for a in ALL_ARCHS})
+    return GroundTruth({a: by_class[canonical(a)] for a in ALL_ARCHS},
+                       {a: class_rank[canonical(a)] for a in ALL_ARCHS})
 
 
-# ----------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # 7. Search: regularized evolution (Real et al., 2019) over unique architectures
-# ----------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 def mutate(arch, rng):
     """Change the op on one edge; retry until the child is a different cell (not an isomorph)."""
     while True:
@@ -906,9 +893,9 @@ def mutate(arch, rng):
 
 def regularized_evolution(fitness, budget, population_size=50, tournament_size=10, seed=0):
     """Age-regularized evolution: the tournament winner's mutant joins, the oldest member leaves.
-    `fitness` is any callable on an arch tuple; `budget` counts its calls. Returns the best arch seen,
-    its fitness, and the history [(arch, fitness)] in evaluation order. The search draws from its own
-    stream: seeded like the --eval-archs subset, it would start from exactly the scored archs."""
+    `fitness` is any callable on an arch tuple; `budget` counts its calls. Returns the best arch
+    seen, its fitness, and the history [(arch, fitness)]. The search draws from its own stream:
+    seeded like the --eval-archs subset, it would start from exactly the scored archs."""
     rng = random.Random(f"regularized-evolution-{seed}")
     candidates = unique_archs()
     history, population = [], []
@@ -920,7 +907,8 @@ def regularized_evolution(fitness, budget, population_size=50, tournament_size=1
     while len(history) < min(budget, population_size):
         evaluate(rng.choice(candidates))
     while len(history) < budget:
-        parent = max(rng.sample(population, min(tournament_size, len(population))), key=lambda member: member[1])
+        sample = rng.sample(population, min(tournament_size, len(population)))
+        parent = max(sample, key=lambda member: member[1])
         evaluate(mutate(parent[0], rng))
         population.pop(0)
     best = max(history, key=lambda member: member[1])
@@ -932,43 +920,49 @@ def search_with_supernet(model, images, labels, cfg, scores):
     outside `scores` are scored on demand and added to it."""
     def fitness(arch):
         if arch not in scores:
-            scores[arch] = score_arch(model, arch, images, labels, cfg.batch_size, scoring_assignment(model, arch, cfg.eval_gate, cfg.eval_seed))
+            scores[arch] = score_arch(model, arch, images, labels, cfg.batch_size,
+                                      cfg.eval_gate, cfg.eval_seed)
         return scores[arch][0]
 
-    best, _, history = regularized_evolution(fitness, cfg.search_budget, cfg.population, cfg.tournament, cfg.seed)
-    return {"best": best, "budget": cfg.search_budget, "unique_evaluated": len({a for a, _ in history}),
+    best, _, history = regularized_evolution(fitness, cfg.search_budget, cfg.population,
+                                             cfg.tournament, cfg.seed)
+    return {"best": best, "budget": cfg.search_budget,
+            "unique_evaluated": len({a for a, _ in history}),
             "population": cfg.population, "tournament": cfg.tournament}
 
 
-# ----------------------------------------------------------------------------------------------
-# 8. Runs: options checked before work, checkpoints that resume exactly, outputs a person can read
-# ----------------------------------------------------------------------------------------------
-# Options that define the trained supernet (a resumed run must agree on all of them), and those a checkpoint's weights need.
-RUN_OPTIONS = ("blocks", "baseline", "channels", "cells", "epochs", "batch_size", "lr", "momentum", "weight_decay",
-               "grad_clip", "seed", "growth", "gate_weight_decay", "gate_norm", "data", "train_subset")
-MODEL_OPTIONS = ("blocks", "baseline", "channels", "cells", "gate_norm")
-OUTPUT_FILES = ("config.json", "log.csv", "checkpoint.pt", "scores.csv", "metrics.json", "search.json", "ranking.png")
-LOG_FIELDS = ("epoch", "level", "lr", "loss", "accuracy", "seconds", "images_per_s", "gate_spread", "gate_off_dominant", "gate_entropy")
+# -------------------------------------------------------------------------------------------------
+# 8. Runs: options checked before work, checkpoints that resume exactly, readable outputs
+# -------------------------------------------------------------------------------------------------
+# Options that define the trained supernet (a resumed run must agree on all of them), and those
+# a checkpoint's weights need.
+RUN_OPTIONS = ("blocks", "baseline", "channels", "cells", "epochs", "batch_size", "lr", "momentum",
+               "weight_decay", "grad_clip", "seed", "data", "train_subset")
+MODEL_OPTIONS = ("blocks", "baseline", "channels", "cells")
+OUTPUT_FILES = ("config.json", "log.csv", "checkpoint.pt", "scores.csv", "metrics.json",
+                "search.json", "ranking.png")
+LOG_FIELDS = ("epoch", "level", "lr", "loss", "accuracy", "seconds", "images_per_s",
+              "gate_spread", "gate_off_dominant", "gate_entropy")
 SCORE_FIELDS = ("arch", "oneshot_accuracy", "oneshot_loss", "nb201_accuracy")
-SUMMARY_METRICS = ("kendall_tau", "spearman", "pearson", "P@top1%", "P@top5%", "P@top10%", "P@bottom5%", "BR@5%", "WR@5%")
-LEVEL_COST = 0.2   # a step costs ~20% more per active block beyond the first (--benchmark on the CPU)
-SCORING_COST = 4   # training one image costs ~4x scoring it with one block per edge (forward only)
+SUMMARY_METRICS = ("kendall_tau", "spearman", "pearson", "P@top1%", "P@top5%", "P@top10%",
+                   "P@bottom5%", "BR@5%", "WR@5%")
 
 
 class Interrupted(Exception):
     """A run stopped on request (Ctrl-C, SIGTERM); the message says what was kept."""
 
 
-STOP_SIGNALS = [signal.SIGINT]  # the command line adds SIGTERM; a library caller keeps SIGTERM's default
+STOP_SIGNALS = [signal.SIGINT]  # the command line adds SIGTERM; a library caller keeps its own
 
 
 class StopRequest:
-    """Ctrl-C (or SIGTERM from the command line) during training: finish the current step, checkpoint
-    there, stop. A second Ctrl-C aborts at once (the previous checkpoint stays)."""
+    """Ctrl-C (or SIGTERM from the command line) during training: finish the current step,
+    checkpoint there, stop. A second Ctrl-C aborts at once (the previous checkpoint stays)."""
 
     def __enter__(self):
-        self.requested, main_thread = False, threading.current_thread() is threading.main_thread()
-        self.previous = {sig: signal.signal(sig, self.request) for sig in STOP_SIGNALS} if main_thread else {}
+        self.requested, self.previous = False, {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self.request) for sig in STOP_SIGNALS}
         return self
 
     def request(self, signum, frame):
@@ -1004,12 +998,17 @@ def minutes(seconds):
 
 def resolve_device(name):
     try:
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+        device = torch.device(name if name != "auto" else
+                              "cuda" if torch.cuda.is_available() else "cpu")
     except RuntimeError:
         raise UsageError(f"--device {name}: unknown device (use cpu, cuda, cuda:N or auto)") from None
-    problem = ("only cpu and cuda are supported" if device.type not in ("cpu", "cuda") else
-               f"CUDA is not available here (torch {torch.__version__}); use --device cpu" if device.type == "cuda" and not torch.cuda.is_available() else
-               f"this machine has {torch.cuda.device_count()} CUDA device(s)" if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count() else "")
+    problem = ""
+    if device.type not in ("cpu", "cuda"):
+        problem = "only cpu and cuda are supported"
+    elif device.type == "cuda" and not torch.cuda.is_available():
+        problem = f"CUDA is not available here (torch {torch.__version__}); use --device cpu"
+    elif device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        problem = f"this machine has {torch.cuda.device_count()} CUDA device(s)"
     if problem:
         raise UsageError(f"--device {name}: {problem}")
     return device
@@ -1017,24 +1016,30 @@ def resolve_device(name):
 
 def check_config(cfg):
     """Every option, before anything is read or written."""
-    rules = [(("epochs", "batch_size", "blocks", "channels", "cells", "population", "tournament", "lr", "grad_clip"), lambda v: v > 0, "be positive"),
-             (("eval_archs", "eval_batches", "search_budget", "train_subset", "weight_decay", "gate_weight_decay"), lambda v: v >= 0, "be 0 or more"),
+    rules = [(("epochs", "batch_size", "blocks", "channels", "cells", "population", "tournament",
+               "lr", "grad_clip"), lambda v: v > 0, "be positive"),
+             (("eval_archs", "eval_batches", "search_budget", "train_subset", "weight_decay"),
+              lambda v: v >= 0, "be 0 or more"),
              (("momentum",), lambda v: 0 <= v < 1, "be in [0, 1)")]
     for names, valid, rule in rules:
         for name in names:
             if not valid(getattr(cfg, name)):
                 raise UsageError(f"--{name.replace('_', '-')} must {rule}, got {getattr(cfg, name)}")
     for option in fields(Config):
-        if option.metadata["choices"] and getattr(cfg, option.name) not in option.metadata["choices"]:
-            raise UsageError(f"--{option.name.replace('_', '-')} {getattr(cfg, option.name)}: choose one of {', '.join(option.metadata['choices'])}")
+        choices, value = option.metadata["choices"], getattr(cfg, option.name)
+        if choices and value not in choices:
+            raise UsageError(f"--{option.name.replace('_', '-')} {value}: choose one of "
+                             f"{', '.join(choices)}")
     if not cfg.baseline and cfg.epochs < cfg.blocks:
-        raise UsageError(f"--epochs {cfg.epochs} is smaller than the {cfg.blocks} curriculum stages (--blocks {cfg.blocks}): "
-                         f"use --epochs {cfg.blocks} or more, or --blocks {cfg.epochs}")
+        raise UsageError(f"--epochs {cfg.epochs} is smaller than the {cfg.blocks} curriculum "
+                         f"stages (--blocks {cfg.blocks}): use --epochs {cfg.blocks} or more, "
+                         f"or --blocks {cfg.epochs}")
 
 
 def default_out(cfg):
     data = cfg.data if cfg.data in ("cifar10", "synthetic") else Path(cfg.data).name
-    return Path("runs") / f"{'vanilla' if cfg.baseline else 'close'}-{data}-C{cfg.channels}x{cfg.cells}-{cfg.epochs}ep-seed{cfg.seed}"
+    kind = "vanilla" if cfg.baseline else "close"
+    return Path("runs") / f"{kind}-{data}-C{cfg.channels}x{cfg.cells}-{cfg.epochs}ep-seed{cfg.seed}"
 
 
 def settle_options(cfg, given, resume, load):
@@ -1043,40 +1048,50 @@ def settle_options(cfg, given, resume, load):
     options and, for --load, the checkpoint."""
     if load:
         checkpoint = load_checkpoint(load)
-        saved, fixed = {"gate_norm": "none", **checkpoint["config"]}, MODEL_OPTIONS  # older checkpoints: no LayerNorm
+        saved, fixed = checkpoint["config"], MODEL_OPTIONS
     elif resume:
         out = Path(cfg.out or default_out(cfg))
         if not (out / "config.json").exists():
             raise UsageError(f"--resume: {out} holds no run (no config.json)")
-        checkpoint, saved, fixed = None, json.loads((out / "config.json").read_text()), RUN_OPTIONS + ("eval_batches", "eval_gate")
+        checkpoint, saved = None, json.loads((out / "config.json").read_text())
+        fixed = RUN_OPTIONS + ("eval_batches", "eval_gate")
     else:
         return cfg, None
     conflicts = [f"--{name.replace('_', '-')} ({saved[name]} there, {getattr(cfg, name)} now)"
                  for name in fixed if name in given and saved[name] != getattr(cfg, name)]
+    # options of older versions of close.py: a run that changed them needs that version
+    retired = {"growth": "official", "gate_norm": "none", "gate_weight_decay": saved["weight_decay"]}
+    conflicts += [f"--{name.replace('_', '-')} {saved[name]} (not in this version)"
+                  for name, value in retired.items() if saved.get(name, value) != value]
     if conflicts:
-        raise UsageError(f"{'--load ' + load if load else '--resume'} was run with other options: {', '.join(conflicts)}")
-    settled = Config(**{**{k: v for k, v in saved.items() if k in asdict(cfg)}, **{name: getattr(cfg, name) for name in given}})
+        raise UsageError(f"{'--load ' + load if load else '--resume'} was run with other "
+                         f"options: {', '.join(conflicts)}")
+    typed = {name: getattr(cfg, name) for name in given}
+    settled = Config(**{**{k: v for k, v in saved.items() if k in asdict(cfg)}, **typed})
     if load:
         settled.out = cfg.out or str(Path(load).parent / "rescored")
         if settled.data != saved["data"]:
-            print(f"note: scoring on --data {settled.data}; the supernet was trained on {saved['data']}")
+            print(f"note: scoring on --data {settled.data}; the supernet was trained on "
+                  f"{saved['data']}")
     return settled, checkpoint
 
 
 def claim_out(cfg, resume):
-    """The output folder, checked before any slow work; nothing is written yet. It never holds another
-    run (unless resumed) nor files of the user's that the run would overwrite."""
+    """The output folder, checked before any slow work; nothing is written yet. It never holds
+    another run (unless resumed) nor files of the user's that the run would overwrite."""
     out = Path(cfg.out or default_out(cfg))
     taken = [name for name in OUTPUT_FILES if (out / name).exists()]
     if "config.json" in taken and not resume:
-        raise UsageError(f"--out {out} already holds a run: add --resume to continue it, or choose another --out")
+        raise UsageError(f"--out {out} already holds a run: add --resume to continue it, or "
+                         f"choose another --out")
     if taken and "config.json" not in taken:
-        raise UsageError(f"--out {out} holds {', '.join(taken)}, which this run would overwrite: choose another --out")
+        raise UsageError(f"--out {out} holds {', '.join(taken)}, which this run would "
+                         f"overwrite: choose another --out")
     return out
 
 
 def write_atomic(path, content):
-    """Write text (or call content(temporary path)), then rename: a kill mid-write leaves no broken file."""
+    """Write text (or call content(temporary path)), then rename: a kill leaves no broken file."""
     temporary = path.with_name(path.name + ".tmp")
     if isinstance(content, str):
         temporary.write_text(content, newline="")
@@ -1091,78 +1106,133 @@ def csv_text(header, rows):
     return text.getvalue()
 
 
+@dataclass
+class EpochProgress:
+    """One pass over the training split, which can stop after any step and continue exactly."""
+    order: torch.Tensor    # the image order of this pass
+    losses: torch.Tensor   # per step: loss x batch size, kept on the device (read at the end)
+    correct: torch.Tensor  # training images classified correctly so far
+    lr: float              # the learning rate the pass started with
+    archs: list = field(default_factory=list)  # each step's arch, to name one that breaks
+    step: int = 0          # steps done
+    seconds: float = 0.0   # time spent in this pass, across a stop and resume
+
+    @classmethod
+    def begin(cls, data, cfg, lr):
+        device, images = data.train_labels.device, len(data.train_labels)
+        steps = math.ceil(images / cfg.batch_size)
+        return cls(torch.randperm(images, device=device), torch.zeros(steps, device=device),
+                   torch.zeros((), device=device), lr)
+
+
+@dataclass
+class TrainingState:
+    """Everything the schedule changes as it goes. With the model's state_dict() (weights and
+    level), its state_dict() is all an exact resume needs: training draws from torch's
+    generators only."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+    epoch: int = 0                               # epochs finished
+    epoch_progress: EpochProgress | None = None  # the pass under way, when a stop interrupted it
+
+    def state_dict(self):
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "epoch": self.epoch, "rng": {"cpu": torch.get_rng_state(), "cuda": cuda},
+                "epoch_progress": vars(self.epoch_progress) if self.epoch_progress else None}
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, progress = state["epoch"], state["epoch_progress"]
+        self.epoch_progress = EpochProgress(**progress) if progress else None
+        torch.set_rng_state(state["rng"]["cpu"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
 def save_checkpoint(path, cfg, model, state, log):
     """Weights, training state and log; the previous file stays until this one is complete."""
-    checkpoint = {"config": asdict(cfg), "model": model.state_dict(), "log": log, **state.state_dict()}
+    checkpoint = {"config": asdict(cfg), "model": model.state_dict(), "log": log,
+                  **state.state_dict()}
     write_atomic(path, lambda temporary: torch.save(checkpoint, temporary))
 
 
 def load_checkpoint(path, device="cpu"):
     try:
         return torch.load(path, map_location=device, weights_only=True)
-    except Exception as error:  # torch.load raises many kinds; its advice to drop weights_only is unsafe here
+    except Exception as error:  # torch.load raises many kinds; its advice to drop weights_only
         raise UsageError(f"{path}: not a close.py checkpoint ({type(error).__name__})") from None
 
 
-def time_left(log, cfg, model, data):
-    """Seconds left for training (later levels are slower) and then scoring and search (estimated
-    from the training speed; its own progress line tells better once it starts)."""
-    cost = lambda epoch: 1 + LEVEL_COST * (curriculum_level(epoch, cfg.epochs, model.num_blocks) - 1 if not model.baseline else 0)
-    per_unit = log[-1]["seconds"] / cost(log[-1]["epoch"] - 1)
-    scored = ((cfg.eval_archs or len(unique_archs())) + cfg.search_budget) * heldout_count(data, cfg)
-    return sum(per_unit * cost(epoch) for epoch in range(log[-1]["epoch"], cfg.epochs)), per_unit / len(data.train_labels) / SCORING_COST * scored
+def epoch_row(model, state, finished, log, out, health):
+    """The log row of a finished pass; a non-finite loss stops the run, naming its step and arch."""
+    losses = finished.losses.tolist()
+    bad = next((i for i, value in enumerate(losses) if not math.isfinite(value)), None)
+    if bad is not None:
+        kept = (f"{out / 'checkpoint.pt'} keeps epoch {state.epoch - 1}" if log else
+                "no epoch finished, nothing was saved")
+        raise UsageError(f"the training loss became non-finite in epoch {state.epoch}, step "
+                         f"{bad + 1} (arch {arch_to_str(finished.archs[bad])}); {kept}")
+    images = len(finished.order)
+    return {"epoch": state.epoch, "level": model.level, "lr": finished.lr,
+            "loss": sum(losses) / images, "accuracy": finished.correct.item() / images,
+            "seconds": round(finished.seconds, 3), "images_per_s": round(images / finished.seconds, 1),
+            **{f"gate_{key}": value for key, value in health.items()}}
 
 
 def fit(model, data, cfg, out):
-    """train() with a checkpoint after every epoch (and where a stop lands), log.csv, and a line per
-    epoch with the GATE's health and the time left. Resumes from out/checkpoint.pt when it exists."""
+    """train() with a checkpoint after every epoch (and where a stop lands), log.csv, and an epoch
+    line with the GATE's health. Resumes from out/checkpoint.pt when it exists."""
     state, log = TrainingState(*make_optimizer(model, cfg)), []
     if (out / "checkpoint.pt").exists():
         saved = load_checkpoint(out / "checkpoint.pt", data.train_images.device)
         model.load_state_dict(saved["model"])
         state.load_state_dict(saved)
         log = saved["log"]
-        print(f"resumed {out} after epoch {state.epoch}" + (f", step {state.epoch_progress.step}" if state.epoch_progress else "") +
-              f" (level {model.level})")
+        step = f", step {state.epoch_progress.step}" if state.epoch_progress else ""
+        print(f"resumed {out} after epoch {state.epoch}{step} (level {model.level})")
 
     def epoch_done(finished):
-        losses = finished.losses.tolist()
-        bad = next((i for i, value in enumerate(losses) if not math.isfinite(value)), None)
-        if bad is not None:
-            kept = f"{out / 'checkpoint.pt'} keeps epoch {state.epoch - 1}" if log else "no epoch finished, nothing was saved"
-            raise UsageError(f"the training loss became non-finite in epoch {state.epoch}, step {bad + 1} "
-                             f"(arch {arch_to_str(finished.archs[bad])}); {kept}")
         health = gate_health(model, probe_archs())
-        log.append({"epoch": state.epoch, "level": model.level, "lr": finished.lr, "loss": sum(losses) / len(finished.order),
-                    "accuracy": finished.correct.item() / len(finished.order), "seconds": round(finished.seconds, 3),
-                    "images_per_s": round(len(finished.order) / finished.seconds, 1), **{f"gate_{k}": v for k, v in health.items()}})
+        log.append(epoch_row(model, state, finished, log, out, health))
         save_checkpoint(out / "checkpoint.pt", cfg, model, state, log)
-        write_atomic(out / "log.csv", csv_text(LOG_FIELDS, [[row.get(name, "") for name in LOG_FIELDS] for row in log]))
-        training, scoring = time_left(log, cfg, model, data)
+        rows = [[row.get(name, "") for name in LOG_FIELDS] for row in log]
+        write_atomic(out / "log.csv", csv_text(LOG_FIELDS, rows))
         row = log[-1]
-        print(f"epoch {row['epoch']:4d}/{cfg.epochs}  loss {row['loss']:.4f}  acc {100 * row['accuracy']:5.1f}%  lr {row['lr']:.4g}  "
-              f"{'' if model.baseline else f'level {model.level}  '}{row['images_per_s']:,.0f} img/s  "
-              f"left: training {minutes(training)}, scoring and search ~{minutes(scoring)}  {describe_gate(health)}", flush=True)
+        level = "" if model.baseline else f"level {model.level}  "
+        # later levels are slower: the time left at this epoch's pace is a lower bound
+        left = minutes(row["seconds"] * (cfg.epochs - row["epoch"]))
+        print(f"epoch {row['epoch']:4d}/{cfg.epochs}  loss {row['loss']:.4f}  "
+              f"acc {100 * row['accuracy']:5.1f}%  lr {row['lr']:.4g}  {level}"
+              f"{row['images_per_s']:,.0f} img/s  training left >= {left}  "
+              f"{describe_gate(health)}", flush=True)
 
     with StopRequest() as stop:
         if not train(model, data, cfg, state, stop, epoch_done):
             save_checkpoint(out / "checkpoint.pt", cfg, model, state, log)
-            raise Interrupted(f"stopped in epoch {state.epoch + 1} after step {state.epoch_progress.step}; {out / 'checkpoint.pt'} "
-                              f"holds that point: rerun with --resume")
+            raise Interrupted(f"stopped in epoch {state.epoch + 1} after step "
+                              f"{state.epoch_progress.step}; {out / 'checkpoint.pt'} holds that "
+                              f"point: rerun with --resume")
     return log
 
 
+
 def score_archs(model, images, labels, cfg, archs, path):
-    """One-shot scores of `archs`, appended to `path` as they come; rows already there (a stopped run's)
-    are reused, and a last row that a kill cut short is dropped."""
-    text = path.read_text() if path.exists() else ""
-    rows = list(csv.reader(text.splitlines()[1:len(text.splitlines()) - (not text.endswith("\n"))]))
-    scores = {str_to_arch(arch): (float(accuracy), float(loss)) for arch, accuracy, loss, *_ in rows}
+    """One-shot scores of `archs`, appended to `path` as they come; rows already there (a stopped
+    run's) are reused, and a last row that a kill cut short is dropped."""
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    scores = {}
+    for arch, accuracy, loss, *_ in csv.reader(lines[1:]):
+        scores[str_to_arch(arch)] = (float(accuracy), float(loss))
     write_atomic(path, csv_text(SCORE_FIELDS[:3], [[arch_to_str(a), *scores[a]] for a in scores]))
     todo = [arch for arch in archs if arch not in scores]
     with open(path, "a", newline="") as file:
         for arch in with_progress(todo, f"scoring {len(todo):,} archs on {len(labels):,} images"):
-            scores[arch] = score_arch(model, arch, images, labels, cfg.batch_size, scoring_assignment(model, arch, cfg.eval_gate, cfg.eval_seed))
+            scores[arch] = score_arch(model, arch, images, labels, cfg.batch_size, cfg.eval_gate,
+                                      cfg.eval_seed)
             csv.writer(file).writerow([arch_to_str(arch), *scores[arch]])
             file.flush()
     return scores
@@ -1171,11 +1241,13 @@ def score_archs(model, images, labels, cfg, archs, path):
 def result_row(arch, scores, truth):
     accuracy, loss = scores[arch]
     row = {"arch": arch_to_str(arch), "oneshot_accuracy": accuracy, "oneshot_loss": loss}
-    return row if truth is None else {**row, "nb201_accuracy": truth.accuracy[arch], "nb201_rank": truth.rank[arch]}
+    if truth is None:
+        return row
+    return {**row, "nb201_accuracy": truth.accuracy[arch], "nb201_rank": truth.rank[arch]}
 
 
 def run(cfg, resume=False, load="", arch_strings=(), given=()):
-    """setup -> train -> score -> rank -> search -> report, everything written into the output folder.
+    """setup -> train -> score -> rank -> search -> report, all written into the output folder.
     Every option and input is checked before anything slow starts or anything is written."""
     cfg, checkpoint = settle_options(cfg, set(given), resume, load)
     check_config(cfg)
@@ -1184,45 +1256,57 @@ def run(cfg, resume=False, load="", arch_strings=(), given=()):
     except ValueError as error:
         raise UsageError(f"--arch: {error}") from None
     device, out = resolve_device(cfg.device), claim_out(cfg, resume)
-    truth = load_ground_truth(cfg.nb201) if cfg.nb201 else None  # used only after scoring, never by the search
+    truth = load_ground_truth(cfg.nb201) if cfg.nb201 else None  # never seen by the search
     if not plotting_available():
-        print(f"matplotlib is not installed: ranking.png will be skipped (pip install matplotlib; then python close.py --plot {out})")
+        print(f"matplotlib is not installed: ranking.png will be skipped (pip install "
+              f"matplotlib; then python close.py --plot {out})")
     times, started = {}, time.time()
     try:
         data = load_dataset(cfg).to(device)
         times["data_s"] = time.time() - started
         model = build_model(cfg, data.num_classes, device)
-        print(f"{out.name}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(data.train_labels):,} train / "
-              f"{len(data.heldout_labels):,} held-out images, device {device}", flush=True)
+        print(f"{out.name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+              f"{len(data.train_labels):,} train / {len(data.heldout_labels):,} held-out images, "
+              f"device {device}", flush=True)
         out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / "config.json", json.dumps(asdict(cfg), indent=2))  # the run starts: the folder is now its own
+        # the run starts: from here the folder is its own
+        write_atomic(out / "config.json", json.dumps(asdict(cfg), indent=2))
         if checkpoint:
             model.load_state_dict(checkpoint["model"])
         log = checkpoint["log"] if checkpoint else fit(model, data, cfg, out)
         times["train_s"] = sum(row["seconds"] for row in log)
         return score_rank_search(model, data, cfg, out, chosen_archs, truth, times, log)
     except KeyboardInterrupt:
-        kept = f"{out} keeps what was saved: rerun with --resume" if (out / "config.json").exists() else "nothing was saved"
+        saved = (out / "config.json").exists()
+        kept = f"{out} keeps what was saved: rerun with --resume" if saved else "nothing was saved"
         raise Interrupted(f"interrupted; {kept}") from None
 
 
 def score_rank_search(model, data, cfg, out, chosen_archs, truth, times, log):
-    """Score the archs on the held-out split, rank them against NB201, search with the supernet, report."""
-    started, (images, labels), archs = time.time(), heldout_set(data, cfg), archs_to_score(cfg, chosen_archs)
+    """Score the archs on the held-out split, rank them against NB201, search, report."""
+    started, (images, labels) = time.time(), heldout_set(data, cfg)
+    archs = archs_to_score(cfg, chosen_archs)
     scores = score_archs(model, images, labels, cfg, archs, out / "scores.csv")
     times["score_s"] = time.time() - started
-    write_atomic(out / "scores.csv", csv_text(SCORE_FIELDS, [[arch_to_str(a), *scores[a], truth.accuracy[a] if truth else ""] for a in archs]))
-    metrics = ranking_metrics([scores[a][0] for a in archs], [truth.accuracy[a] for a in archs]) if truth and len(archs) > 1 else None
+    rows = [[arch_to_str(a), *scores[a], truth.accuracy[a] if truth else ""] for a in archs]
+    write_atomic(out / "scores.csv", csv_text(SCORE_FIELDS, rows))
+    accuracies, ranking = [scores[a][0] for a in archs], None
+    if truth and len(archs) > 1:
+        ranking = ranking_metrics(accuracies, [truth.accuracy[a] for a in archs])
     started, search, searched = time.time(), None, dict(scores)
     if cfg.search_budget:
         search = search_with_supernet(model, images, labels, cfg, searched)
         search["best"] = result_row(search["best"], searched, truth)
         write_atomic(out / "search.json", json.dumps(search, indent=2))
     times["search_s"] = time.time() - started
-    results = {"run": out.name, "ranking": metrics, "top5": [result_row(a, scores, truth) for a in sorted(archs, key=lambda a: -scores[a][0])[:5]],
-               "search": search, "times": {key: round(value, 1) for key, value in times.items()}, "scored_archs": len(archs),
-               "mean_oneshot_accuracy": float(np.mean([scores[a][0] for a in archs])), "scoring_edges_per_block": edges_per_block(model, archs, cfg),
-               "gate": gate_health(model, probe_archs()), "heldout_images": len(labels), "device": str(images.device)}
+    top5 = sorted(archs, key=lambda a: -scores[a][0])[:5]
+    results = {"run": out.name, "ranking": ranking, "search": search,
+               "top5": [result_row(a, scores, truth) for a in top5],
+               "times": {key: round(value, 1) for key, value in times.items()},
+               "scored_archs": len(archs), "mean_oneshot_accuracy": float(np.mean(accuracies)),
+               "scoring_edges_per_block": edges_per_block(model, archs, cfg),
+               "gate": gate_health(model, probe_archs()), "heldout_images": len(labels),
+               "device": str(images.device)}
     write_atomic(out / "metrics.json", json.dumps(results, indent=2))
     print_summary(out, results, log)
     plot_run(out)
@@ -1230,47 +1314,74 @@ def score_rank_search(model, data, cfg, out, chosen_archs, truth, times, log):
 
 
 def print_summary(out, results, log):
-    print(f"\n== {results['run']} ({out}) ==\nwall time: " + ", ".join(f"{key[:-2]} {minutes(value)}" for key, value in results["times"].items()))
+    times = ", ".join(f"{key[:-2]} {minutes(value)}" for key, value in results["times"].items())
+    print(f"\n== {results['run']} ({out}) ==\nwall time: {times}")
     if log:
-        print(f"last epoch: loss {log[-1]['loss']:.4f}, train accuracy {100 * log[-1]['accuracy']:.1f}%, level {log[-1]['level']}")
-    print(f"mean one-shot accuracy {results['mean_oneshot_accuracy']:.1f}% over {results['scored_archs']} archs")
+        print(f"last epoch: loss {log[-1]['loss']:.4f}, train accuracy "
+              f"{100 * log[-1]['accuracy']:.1f}%, level {log[-1]['level']}")
+    print(f"mean one-shot accuracy {results['mean_oneshot_accuracy']:.1f}% over "
+          f"{results['scored_archs']} archs")
     if results["gate"]["spread"] is not None:
         usage = results["scoring_edges_per_block"]
-        print(f"{describe_gate(results['gate'])}\nat scoring, the scored archs' routed edges per block: {usage}" +
-              (f" (all on block {np.argmax(usage)}: scored as a fully shared supernet)" if max(usage) == sum(usage) else ""))
-    sibling = out.parent / out.name.replace(*(("close", "vanilla") if "close" in out.name else ("vanilla", "close")))
-    print_metrics_table([results] + ([finished_run(sibling)] if sibling != out and (sibling / "metrics.json").exists() else []))
-    nb201 = lambda row: f"  NB201 {row['nb201_accuracy']:.2f}% (rank {row['nb201_rank']:,} of 6,466)" if "nb201_accuracy" in row else ""
-    print("top-5 by one-shot accuracy:\n" + "\n".join(f"  {row['oneshot_accuracy']:5.1f}%  {row['arch']}{nb201(row)}" for row in results["top5"]))
+        shared = f" (all on block {np.argmax(usage)}: a fully shared supernet)"
+        print(f"{describe_gate(results['gate'])}\nat scoring, the scored archs' routed edges per "
+              f"block: {usage}{shared if max(usage) == sum(usage) else ''}")
+    # the sibling run (close-... / vanilla-...) beside it, when it has finished
+    sibling = out.parent / out.name.replace(*(("close", "vanilla") if "close" in out.name else
+                                              ("vanilla", "close")))
+    done = sibling != out and (sibling / "metrics.json").exists()
+    print_metrics_table([results] + ([finished_run(sibling)] if done else []))
+    print("top-5 by one-shot accuracy:")
+    for row in results["top5"]:
+        print(f"  {row['oneshot_accuracy']:5.1f}%  {row['arch']}{nb201_words(row)}")
     if results["search"]:
         best = results["search"]["best"]
-        print(f"search ({results['search']['budget']} evaluations): {best['arch']}  one-shot {best['oneshot_accuracy']:.1f}%{nb201(best)}")
+        print(f"search ({results['search']['budget']} evaluations): {best['arch']}  one-shot "
+              f"{best['oneshot_accuracy']:.1f}%{nb201_words(best)}")
+
+
+def nb201_words(row):
+    if "nb201_rank" not in row:
+        return ""
+    return f"  NB201 {row['nb201_accuracy']:.2f}% (rank {row['nb201_rank']:,} of 6,466)"
 
 
 def finished_run(folder):
-    """A finished run's metrics.json, named by its folder (--compare names a missing one)."""
-    if not (Path(folder) / "metrics.json").exists():
-        raise UsageError(f"--compare: {Path(folder) / 'metrics.json'} does not exist (is {folder} a finished run?)")
-    return {**json.loads((Path(folder) / "metrics.json").read_text()), "run": Path(folder).name}
+    """A finished run's metrics.json, named by its folder."""
+    path = Path(folder) / "metrics.json"
+    if not path.exists():
+        raise UsageError(f"--compare: {path} does not exist (is {folder} a finished run?)")
+    return {**json.loads(path.read_text()), "run": Path(folder).name}
 
 
 def print_metrics_table(runs):
-    """Runs side by side (the summary, --compare): ranking metrics, mean one-shot accuracy, the search result, times."""
-    if not runs[0]["ranking"]:
+    """Finished runs side by side (the summary, --compare): ranking metrics, the mean one-shot
+    accuracy, the search's result, times."""
+    def cell(value):
+        return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    rows = [("", [run["run"] for run in runs])]
+    if runs[0]["ranking"]:
+        rows += [(name, [cell((run["ranking"] or {}).get(name)) for run in runs])
+                 for name in SUMMARY_METRICS]
+    else:
         print("ranking metrics: none (pass --nb201 FILE to compare against NAS-Bench-201)")
-    best = [r["search"]["best"] if r.get("search") and "nb201_rank" in r["search"]["best"] else None for r in runs]
-    rows = [(name, [r["ranking"].get(name) if r.get("ranking") else None for r in runs]) for name in SUMMARY_METRICS * bool(runs[0]["ranking"])] + [
-        ("mean one-shot", [f"{r['mean_oneshot_accuracy']:.1f}%" for r in runs]),
-        ("search NB201", [b and f"{b['nb201_accuracy']:.2f}%" for b in best]), ("search rank", [b and f"{b['nb201_rank']:,}/6,466" for b in best]),
-        ("train, score", [f"{minutes(r['times']['train_s'])}, {minutes(r['times']['score_s'])}" for r in runs])]
-    rows = [(name, ["-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v) for v in cells]) for name, cells in rows]
-    width = 2 + max(len(text) for text in [r["run"] for r in runs] + [cell for _, cells in rows for cell in cells])
-    for name, cells in [("", [r["run"] for r in runs])] + rows:
-        print(f"{name:14s}" + "".join(f"{cell:>{width}s}" for cell in cells))
+    best = [(run["search"] or {}).get("best", {}) for run in runs]
+    rows += [("mean one-shot", [f"{run['mean_oneshot_accuracy']:.1f}%" for run in runs]),
+             ("search NB201", [f"{b['nb201_accuracy']:.2f}%" if "nb201_rank" in b else "-"
+                               for b in best]),
+             ("search rank", [f"{b['nb201_rank']:,}/6,466" if "nb201_rank" in b else "-"
+                              for b in best]),
+             ("train, score", [f"{minutes(run['times']['train_s'])}, "
+                               f"{minutes(run['times']['score_s'])}" for run in runs])]
+    width = 2 + max(len(text) for _, cells in rows for text in cells)
+    for name, cells in rows:
+        print(f"{name:14s}" + "".join(f"{text:>{width}s}" for text in cells))
     if runs[0]["ranking"]:
         n = runs[0]["ranking"]["n"]
-        print(f"(P@top/bottom K: share of the predicted top/bottom K% of the {n:,} scored archs that truly are; BR/WR@5%: the best/worst "
-              f"true rank, among those {n:,}, of the predicted top 5%; '-': K% of them is under one arch, or no search)")
+        print(f"(P@top/bottom K: share of the predicted top/bottom K% of the {n:,} scored archs "
+              f"that truly are; BR/WR@5%: the best/worst true rank, among those {n:,}, of the "
+              f"predicted top 5%; '-': K% of them is under one arch, or no search)")
 
 
 def plotting_available():
@@ -1278,8 +1389,8 @@ def plotting_available():
 
 
 def plot_run(out):
-    """ranking.png from a run folder's files: one-shot vs NB201 accuracy, and the training curves.
-    matplotlib is optional: without it nothing is drawn (the run said so when it started)."""
+    """ranking.png from a run folder's files: one-shot vs NB201 accuracy, and the training curve
+    with the curriculum level. matplotlib is optional: without it nothing is drawn."""
     if not (out / "metrics.json").exists():
         raise UsageError(f"--plot {out}: not a finished run (no metrics.json)")
     if not plotting_available():
@@ -1287,23 +1398,27 @@ def plot_run(out):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows, ranking = list(csv.DictReader(open(out / "scores.csv"))), json.loads((out / "metrics.json").read_text())["ranking"]
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    ranking = json.loads((out / "metrics.json").read_text())["ranking"]
     log = list(csv.DictReader(open(out / "log.csv"))) if (out / "log.csv").exists() else []
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    supernet = "the vanilla supernet" if json.loads((out / "config.json").read_text())["baseline"] else "CLOSE"
-    figure.suptitle(f"{out.name}: {supernet}, {len(rows)} archs scored")
-    oneshot = [float(r["oneshot_accuracy"]) for r in rows]
+    vanilla = json.loads((out / "config.json").read_text())["baseline"]
+    figure.suptitle(f"{out.name}: {'vanilla' if vanilla else 'CLOSE'}, {len(rows)} archs scored")
+    oneshot = [float(row["oneshot_accuracy"]) for row in rows]
     if ranking:
-        left.scatter([float(r["nb201_accuracy"]) for r in rows], oneshot, s=min(30, max(4, 3000 / len(rows))), alpha=0.5)
-        left.set(xlabel="NB201 CIFAR-10 test accuracy (%)", ylabel="one-shot accuracy (%)", title=f"Kendall tau {ranking['kendall_tau']:.3f}")
+        truth = [float(row["nb201_accuracy"]) for row in rows]
+        left.scatter(truth, oneshot, s=min(30, max(4, 3000 / len(rows))), alpha=0.5)
+        left.set(xlabel="NB201 CIFAR-10 test accuracy (%)", ylabel="one-shot accuracy (%)",
+                 title=f"Kendall tau {ranking['kendall_tau']:.3f}")
     else:
         left.hist(oneshot, bins=min(50, len(rows)))
         left.set(xlabel="one-shot accuracy (%)", ylabel="archs")
     if log:
-        epochs, levels = [int(row["epoch"]) for row in log], [int(row["level"]) for row in log]
+        epochs = [int(row["epoch"]) for row in log]
         right.plot(epochs, [float(row["loss"]) for row in log], "o-")
         right.set(xlabel="epoch", ylabel="train loss", title="training")
-        level = right.twinx()  # each epoch's level as a step from epoch-1 to epoch, the last one included
+        levels = [int(row["level"]) for row in log]
+        level = right.twinx()  # each epoch's level as a step from epoch-1 to epoch
         level.stairs(levels, [0] + epochs, color="gray", linestyle="--")
         level.set(ylim=(0, max(levels) + 0.5), ylabel="curriculum level (active blocks, dashed)")
         for axis in (right.xaxis, level.yaxis):
@@ -1314,78 +1429,96 @@ def plot_run(out):
     return True
 
 
-def milliseconds_per_call(call, repeats, device):
-    """Mean wall time of call(0..repeats-1), after one warm-up call (allocator, cuDNN autotuning)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    call(0)
-    sync()
-    started = time.perf_counter()
-    for i in range(repeats):
-        call(i)
-    sync()
-    return 1000 * (time.perf_counter() - started) / repeats
-
-
-def benchmark(cfg, steps):
-    """ms per training step, vanilla (channels_last and NCHW) vs CLOSENet at every level, on the same
-    archs and batch; ms per architecture scored; images/s. Printed and written to <out>/benchmark.json."""
+def benchmark(cfg, steps, rounds=5):
+    """ms per training step, vanilla vs CLOSENet at every level, on the same 8 archs and batch,
+    and ms per arch scored. torch.utils.benchmark times `steps` calls (after a warm-up, with CUDA
+    synchronised); the configurations take turns in each round, so the machine's drift hits all
+    alike, and each figure is the median over the rounds, with its interquartile range."""
+    from torch.utils.benchmark import Measurement, Timer
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     archs = random.Random(0).sample([a for a in unique_archs() if routed_edges(a)], 8)
-    data = synthetic_dataset(train=cfg.batch_size, heldout=cfg.batch_size * max(1, cfg.eval_batches or 4), seed=cfg.seed).to(device)
-    results = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": cfg.batch_size,
-               "channels": cfg.channels, "cells": cfg.cells, "steps": steps, "archs": [arch_to_str(a) for a in archs]}
-    print(f"{device}, batch {cfg.batch_size}, C={cfg.channels}, {cfg.cells} cells/stage, {steps} steps on {len(archs)} archs")
-    model = CLOSENet(cfg.channels, cfg.cells, cfg.blocks)
-    runs = [("vanilla", CLOSENet(cfg.channels, cfg.cells, baseline=True), MEMORY_FORMAT),
-            ("vanilla_nchw", CLOSENet(cfg.channels, cfg.cells, baseline=True), torch.contiguous_format)]
-    for key, net, layout in runs + [(f"close_level{level}", model, MEMORY_FORMAT) for level in range(1, cfg.blocks + 1)]:
-        while net is model and model.level < int(key[len("close_level"):]):
-            add_glow_block(model)
-        optimizer, _ = make_optimizer(net.to(device, memory_format=layout), cfg)
-        x = normalize(data.train_images).contiguous(memory_format=layout)
-        ms = milliseconds_per_call(lambda i: train_step(net.train(), optimizer, x, data.train_labels, archs[i % 8], cfg.grad_clip), steps, device)
-        results[f"{key}_ms_per_step"], results[f"{key}_ratio"] = ms, ms / results.get("vanilla_ms_per_step", ms)
-        print(f"{key:14s}{ms:8.1f} ms/step   {results[f'{key}_ratio']:.2f}x")
-    heldout = normalize(data.heldout_images).contiguous(memory_format=MEMORY_FORMAT)
-    ms = milliseconds_per_call(lambda i: score_arch(model, archs[i], heldout, data.heldout_labels, cfg.batch_size), len(archs), device)
-    results.update({"score_ms_per_arch": ms, "score_images_per_s": 1000 * len(data.heldout_labels) / ms,
-                    **{f"train_images_per_s_{key}": 1000 * cfg.batch_size / results[f"{key}_ms_per_step"] for key in ("vanilla", f"close_level{cfg.blocks}")}})
-    print(f"scoring: {ms:.1f} ms per arch on {len(data.heldout_labels)} images ({results['score_images_per_s']:,.0f} img/s); "
-          f"training {results['train_images_per_s_vanilla']:,.0f} img/s vanilla")
+    heldout = cfg.batch_size * max(1, cfg.eval_batches or 4)
+    data = synthetic_dataset(cfg.batch_size, heldout, seed=cfg.seed).to(device)
+    images = normalize(data.train_images).contiguous(memory_format=MEMORY_FORMAT)
+    heldout_images = normalize(data.heldout_images).contiguous(memory_format=MEMORY_FORMAT)
+    nets, closenet = {"vanilla": CLOSENet(cfg.channels, cfg.cells, baseline=True)}, None
+    closenet = CLOSENet(cfg.channels, cfg.cells, cfg.blocks)
+    for level in range(1, cfg.blocks + 1):
+        nets[f"close_level{level}"] = copy.deepcopy(closenet)
+        if level < cfg.blocks:
+            add_glow_block(closenet)
+
+    def training_step(net):
+        optimizer, _ = make_optimizer(net.to(device, memory_format=MEMORY_FORMAT), cfg)
+        turn = itertools.count()
+        return lambda: train_step(net.train(), optimizer, images, data.train_labels,
+                                  archs[next(turn) % len(archs)], cfg.grad_clip)
+
+    calls, turn = {key: training_step(net) for key, net in nets.items()}, itertools.count()
+    calls["score"] = lambda: score_arch(nets[f"close_level{cfg.blocks}"], archs[next(turn) % 8],
+                                        heldout_images, data.heldout_labels, cfg.batch_size)
+    print(f"{device}, batch {cfg.batch_size}, C={cfg.channels}, {cfg.cells} cells/stage: "
+          f"{rounds} rounds of {steps} calls per configuration, in turn")
+    measurements = [Timer("call()", globals={"call": call}, label=key,
+                          num_threads=torch.get_num_threads()).timeit(steps)
+                    for _ in range(rounds) for key, call in calls.items()]
+    results = {"device": str(device), "torch": torch.__version__,
+               "threads": torch.get_num_threads(), "batch_size": cfg.batch_size,
+               "channels": cfg.channels, "cells": cfg.cells, "steps": steps, "rounds": rounds,
+               "archs": [arch_to_str(a) for a in archs]}
+    for measurement in Measurement.merge(measurements):
+        key, ms, iqr = measurement.label, 1000 * measurement.median, 1000 * measurement.iqr
+        if key == "score":
+            results.update(score_ms_per_arch=ms, score_iqr_ms=iqr,
+                           score_images_per_s=1000 * heldout / ms)
+            print(f"scoring      {ms:8.1f} ms/arch on {heldout} images (IQR {iqr:.1f})")
+            continue
+        ratio = ms / results.setdefault("vanilla_ms_per_step", ms)
+        results.update({f"{key}_ms_per_step": ms, f"{key}_iqr_ms": iqr, f"{key}_ratio": ratio})
+        print(f"{key:13s}{ms:8.1f} ms/step (IQR {iqr:.1f})  {ratio:.2f}x vanilla")
     (out := Path(cfg.out or "runs")).mkdir(parents=True, exist_ok=True)
     write_atomic(out / "benchmark.json", json.dumps(results, indent=2))
     print(f"written to {out / 'benchmark.json'}")
     return results
 
 
-# ----------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # 9. Command line
-# ----------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit code 2, like every other bad input
         raise UsageError(message)
 
 
 def parse_args(argv=None):
-    """Config and the other arguments; options left out stay out of the namespace, so a resumed or
-    loaded run can tell what was typed now from what it should take from the run."""
+    """Config and the other arguments. Options left out stay out of the namespace, so a resumed
+    or loaded run can tell what was typed now from what it should take from the run."""
     parser = ArgumentParser(
-        description="CLOSE on NAS-Bench-201: train a CLOSENet supernet, score architectures, search.",
-        epilog=f"Outputs in --out: {', '.join(OUTPUT_FILES)}. NB201 files other than the compact CSV are pickles: "
-               "loading one runs code from it, so use only files you trust.")
+        description="CLOSE on NAS-Bench-201: train a CLOSENet supernet, score archs, search.",
+        epilog=f"Outputs in --out: {', '.join(OUTPUT_FILES)}. NB201 files other than the "
+               f"compact CSV are pickles: loading one runs code from it, so use only files you "
+               f"trust.")
     for option in fields(Config):
-        flag, shown = "--" + option.name.replace("_", "-"), f" (default: {option.default})" if option.default not in ("", False) else ""
-        kind = {"action": "store_true"} if isinstance(option.default, bool) else {"type": type(option.default)}
-        parser.add_argument(flag, default=argparse.SUPPRESS, help=option.metadata["help"] + shown, **kind)
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped, with its options")
-    parser.add_argument("--load", default="", metavar="CKPT", help="skip training: score and search the supernet in this checkpoint")
+        shown = f" (default: {option.default})" if option.default not in ("", False) else ""
+        kind = ({"action": "store_true"} if isinstance(option.default, bool) else
+                {"type": type(option.default)})
+        parser.add_argument("--" + option.name.replace("_", "-"), default=argparse.SUPPRESS,
+                            help=option.metadata["help"] + shown, **kind)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out where it stopped, with its options")
+    parser.add_argument("--load", default="", metavar="CKPT",
+                        help="skip training: score and search the supernet in this checkpoint")
     parser.add_argument("--arch", action="append", default=[], metavar="ARCH",
-                        help="score these architectures (NB201 strings; repeatable) instead of the unique ones")
-    parser.add_argument("--compare", nargs="+", metavar="RUN", help="print the metrics of finished runs side by side")
-    parser.add_argument("--plot", metavar="RUN", help="draw RUN/ranking.png from a finished run folder (needs matplotlib)")
-    parser.add_argument("--benchmark", action="store_true", help="time training steps (vanilla vs every level) and scoring")
-    parser.add_argument("--benchmark-steps", type=int, default=16, help="timed steps per configuration, cycling over 8 archs (default: 16)")
+                        help="score these archs (NB201 strings; repeatable), not the unique ones")
+    parser.add_argument("--compare", nargs="+", metavar="RUN",
+                        help="print the metrics of finished runs side by side")
+    parser.add_argument("--plot", metavar="RUN",
+                        help="draw RUN/ranking.png from a finished run folder (needs matplotlib)")
+    parser.add_argument("--benchmark", action="store_true",
+                        help="time training steps (vanilla vs every level) and scoring")
+    parser.add_argument("--benchmark-steps", type=int, default=4,
+                        help="timed calls per configuration in each of 5 rounds (default: 4)")
     args = parser.parse_args(argv)
     given = [option.name for option in fields(Config) if hasattr(args, option.name)]
     return Config(**{name: getattr(args, name) for name in given}), args, given
@@ -1414,6 +1547,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    STOP_SIGNALS.append(signal.SIGTERM)  # a killed job stops like Ctrl-C: after the current step, with a checkpoint
+    # a killed job stops like Ctrl-C: after the current step, with a checkpoint
+    STOP_SIGNALS.append(signal.SIGTERM)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # which raises KeyboardInterrupt
     sys.exit(main())
