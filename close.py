@@ -1,9 +1,7 @@
 """CLOSE: Curriculum Learning On the Sharing Extent (Zhou et al., ECCV 2022) on NAS-Bench-201.
 
-One file, read top to bottom. Sections 1-7 are the method in the paper's order: 1 the search
-space, 2 the data, 3 CLOSENet (GLOW blocks, the sharing assignment, the GATE), 4 the curriculum
-with WIT, 5 training, 6 evaluation (one-shot scores, the GATE's health, ranking metrics), 7 the
-search. Sections 8-9 are the program around it: outputs, exact resume, summary, benchmark, CLI.
+Read top to bottom. Sections 1-7 are the method in the paper's order (search space, data,
+CLOSENet, curriculum, training, evaluation, search); 8-9 are the program around it.
 
     python close.py --epochs 250 --device cuda              # train, score all 6,466 archs, search
     python close.py --baseline --epochs 250 --device cuda   # the vanilla one-shot supernet
@@ -47,36 +45,36 @@ def option(default, description, choices=None):
 @dataclass
 class Config:
     # supernet
-    blocks: int = option(5, "K, GLOW blocks per cell (the vanilla baseline has 6, one per edge)")
+    blocks: int = option(5, "K, GLOW blocks per cell (vanilla: one per edge)")
     baseline: bool = option(False, "train the vanilla one-shot supernet instead of CLOSENet")
     channels: int = option(16, "channels of the first stage (NB201: 16)")
     cells: int = option(5, "searchable cells per stage (NB201: 5)")
-    # training: the official recipe (1,000 epochs there, scaled to --epochs here)
+    # training: the official recipe, its 1,000 epochs scaled to --epochs
     epochs: int = option(250, "training epochs; blocks are added at evenly spaced epochs")
     batch_size: int = option(256, "training and scoring batch size")
     lr: float = option(0.05, "SGD learning rate")
     momentum: float = option(0.9, "SGD momentum")
-    weight_decay: float = option(5e-4, "SGD weight decay, on every parameter (the GATE's too)")
+    weight_decay: float = option(5e-4, "SGD weight decay, on every parameter")
     grad_clip: float = option(5.0, "gradient-norm clip")
     seed: int = option(0, "seed of training (init, sampling, augmentation, Gumbel noise)")
     # data
-    data: str = option("cifar10", "'cifar10' (torchvision download), 'synthetic', or an "
-                       "image-folder tree PATH with train/<class>/*")
+    data: str = option("cifar10", "cifar10 (torchvision download), synthetic, or PATH of an "
+                       "image-folder tree PATH/train/<class>/*")
     data_root: str = option("data", "where torchvision keeps CIFAR-10")
     train_subset: int = option(0, "train on a seeded subset of N training images (0: all)")
-    device: str = option("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
+    device: str = option("auto", "cpu, cuda, cuda:N, or auto")
     # scoring and search
-    eval_gate: str = option("sample", "blocks at scoring: one Gumbel draw per arch, seeded by "
+    eval_gate: str = option("sample", "blocks at scoring: a Gumbel draw per arch, seeded by "
                             "--eval-seed and the arch (official), or the GATE's argmax",
                             ("sample", "argmax"))
     eval_archs: int = option(0, "score a seeded subset of N unique archs (0: all 6,466)")
-    eval_batches: int = option(0, "score on the first N held-out batches only (0: all)")
-    eval_seed: int = option(0, "seed of the --eval-archs subset and of the sampled scoring gate")
+    eval_batches: int = option(0, "score on the first N held-out batches (0: all)")
+    eval_seed: int = option(0, "seed of the --eval-archs subset and of the scoring gate")
     search_budget: int = option(1000, "fitness evaluations of the search (0: no search)")
     population: int = option(50, "population of the evolutionary search")
     tournament: int = option(10, "tournament sample of the evolutionary search")
-    nb201: str = option("", "NB201 ground truth (compact CSV, official .pth, or NATS-Bench "
-                        "archive) for the ranking metrics")
+    nb201: str = option("", "NB201 ground truth for the ranking metrics (compact CSV, or an "
+                        "official .pth or NATS-Bench archive)")
     out: str = option("", "output folder (default: runs/<close|vanilla>-<data>-C<channels>x"
                       "<cells>-<epochs>ep-seed<seed>)")
 
@@ -85,20 +83,19 @@ class UsageError(Exception):
     """A problem with the user's input: reported as one line, never as a traceback."""
 
 
-# -------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # 1. Search space (NAS-Bench-201)
-# -------------------------------------------------------------------------------------------------
 OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
 NONE, SKIP, CONV1X1, CONV3X3, AVG_POOL = range(len(OPS))
 # A cell is a DAG on 4 nodes; node 0 is the cell input, node 3 its output. An architecture is
 # the op index on each of these 6 edges (from, to), in the order of the official arch string.
 EDGES = ((0, 1), (0, 2), (1, 2), (0, 3), (1, 3), (2, 3))
-ALL_ARCHS = tuple(itertools.product(range(len(OPS)), repeat=len(EDGES)))  # 5^6 = 15,625
+ALL_ARCHS = tuple(itertools.product(range(len(OPS)), repeat=len(EDGES)))  # NB201's 15,625
 ARCH_FORMAT = "|op~0|+|op~0|op~1|+|op~0|op~1|op~2|"
 
 
 def arch_to_str(arch):
-    """(3, 3, 3, 1, 3, 2) -> '|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|...'"""
+    """(3, 3, 3, 1, 3, 2) -> |nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|..."""
     nodes = []
     for node in (1, 2, 3):
         nodes.append([f"{OPS[op]}~{src}" for (src, dst), op in zip(EDGES, arch) if dst == node])
@@ -124,8 +121,8 @@ def str_to_arch(text):
 
 
 def as_arch(arch):
-    """An arch as the tuple of its 6 op indices, from that tuple (list, array, tensor) or from its
-    NB201 string. Anything else is a ValueError, never a silently different network."""
+    """An arch as the tuple of its 6 op indices, from that tuple (list, array, tensor) or its
+    string. Anything else is a ValueError, never a silently different network."""
     if isinstance(arch, str):
         return str_to_arch(arch)
     try:
@@ -139,18 +136,14 @@ def as_arch(arch):
 
 
 def arch_index(arch):
-    """The arch's index in NB201's order of all 15,625 (its ops as a base-5 number)."""
+    """The arch's index in NB201's order (its ops as a base-5 number)."""
     return int("".join(map(str, as_arch(arch))), len(OPS))
 
 
 def isomorphism_key(arch):
-    """NB201's rule for 'same cell': write every node as an expression of the input, compare node 3.
-
-    An edge gives the zero symbol '#' when its op is none or its source is exactly '#';
-    skip_connect passes the source expression; any other op writes '(source)@op'. A node is its
-    sorted, '+'-joined terms, so relabelled nodes and edges made dead by 'none' give the same key.
-    The symbols matter: with '#' sorting before '(' the rule yields the benchmark's 6,466 classes.
-    """
+    """NB201's rule for 'same cell': node 3 written as an expression of the input. An edge gives
+    '#' (zero) for op none or source '#', the source itself for skip_connect, else '(source)@op';
+    a node is its sorted terms joined by '+'. '#' sorting before '(' gives NB201's 6,466 classes."""
     expression = ["x"]
     for node in (1, 2, 3):
         terms = []
@@ -167,7 +160,7 @@ def isomorphism_key(arch):
 
 @functools.cache
 def _class_representatives():
-    """isomorphism key -> representative: the first arch of the class in NB201's order."""
+    """isomorphism key -> the first arch of its class in NB201's order."""
     representatives = {}
     for arch in ALL_ARCHS:
         representatives.setdefault(isomorphism_key(arch), arch)
@@ -175,7 +168,7 @@ def _class_representatives():
 
 
 def canonical(arch):
-    """The representative of arch's isomorphism class: isomorphic archs map to the same tuple."""
+    """The representative of arch's isomorphism class."""
     return _class_representatives()[isomorphism_key(arch)]
 
 
@@ -185,8 +178,7 @@ def unique_archs():
 
 
 def live_edges(arch):
-    """Which edges do any work: the source is reachable from the input, the target reaches the
-    output (through ops other than none)."""
+    """Edges that work: the source is reachable from the input, the target reaches the output."""
     arch = as_arch(arch)
     reachable = {0}
     for (src, dst), op in zip(EDGES, arch):  # EDGES is topologically ordered by target
@@ -201,17 +193,16 @@ def live_edges(arch):
 
 
 def routed_edges(arch):
-    """The edges whose op has weights and runs: the only ones a sharing assignment matters for."""
+    """The live edges whose op has weights: those a sharing assignment matters for."""
     ops = as_arch(arch)
     return [e for e, live in enumerate(live_edges(ops)) if live and ops[e] in (CONV1X1, CONV3X3)]
 
 
-# -------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # 2. Data: uint8 images resident on the device, augmented there in whole batches
-# -------------------------------------------------------------------------------------------------
 CIFAR10_MEAN = (0.49139968, 0.48215827, 0.44653124)
 CIFAR10_STD = (0.24703233, 0.24348505, 0.26158768)
-HELDOUT_FRACTION = 0.2  # CIFAR-10: 40,000 images train the supernet, 10,000 score architectures
+HELDOUT_FRACTION = 0.2  # CIFAR-10: 40,000 images train the supernet, 10,000 score archs
 
 
 @dataclass
@@ -237,6 +228,13 @@ def synthetic_dataset(train=1024, heldout=256, num_classes=10, seed=0):
     return Dataset(images[:train], labels[:train], images[train:], labels[train:], num_classes)
 
 
+def split(images, labels, order, num_classes):
+    """The first 80% of `order` train the supernet, the rest are held out to score archs."""
+    cut = round(len(order) * (1 - HELDOUT_FRACTION))
+    train, heldout = order[:cut], order[cut:]
+    return Dataset(images[train], labels[train], images[heldout], labels[heldout], num_classes)
+
+
 def cifar10_dataset(root):
     """torchvision's CIFAR-10 train set, split by position as the official code does (its order
     is random)."""
@@ -253,35 +251,27 @@ def cifar10_dataset(root):
                          f"cifar-10-batches-py") from None
     images = torch.from_numpy(train_set.data).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor(train_set.targets)
-    split = round(len(labels) * (1 - HELDOUT_FRACTION))
-    return Dataset(images[:split], labels[:split], images[split:], labels[split:], 10)
+    return split(images, labels, torch.arange(len(labels)), 10)
 
 
 def image_folder_dataset(path, seed=0):
-    """An image-folder tree PATH/train/<class>/*, split by a seeded shuffle, never by position
-    (ImageFolder lists files class by class: a positional split would hold out whole classes)."""
+    """An image-folder tree PATH/train/<class>/*, split by a seeded shuffle: ImageFolder lists
+    files class by class, so a split by position would hold out whole classes."""
     import torchvision
     from torchvision.transforms.v2.functional import pil_to_tensor, resize
     root = Path(path) / "train"
     try:
         folder = torchvision.datasets.ImageFolder(
             root, transform=lambda image: pil_to_tensor(resize(image, [32, 32])))
-    except (FileNotFoundError, RuntimeError) as error:
-        raise UsageError(f"--data {path}: not an image-folder tree with "
-                         f"train/<class>/<image> ({error})") from None
-    if len(folder.classes) < 2:
-        raise UsageError(f"--data {path}: {root} holds {len(folder.classes)} class folder(s); "
-                         f"need at least 2")
-    try:
+        if len(folder.classes) < 2:
+            raise RuntimeError(f"{len(folder.classes)} class folder(s); need at least 2")
         images = torch.stack([image for image, _ in with_progress(folder, f"decoding {root}")])
-    except OSError as error:
-        raise UsageError(f"--data {path}: an image could not be read ({error})") from None
+    except (OSError, RuntimeError) as error:
+        raise UsageError(f"--data {path}: not an image-folder tree with train/<class>/<image> "
+                         f"({error})") from None
     labels = torch.tensor(folder.targets)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    split = round(len(labels) * (1 - HELDOUT_FRACTION))
-    train, heldout = order[:split], order[split:]
-    return Dataset(images[train], labels[train], images[heldout], labels[heldout],
-                   len(folder.classes))
+    return split(images, labels, order, len(folder.classes))
 
 
 def load_dataset(cfg):
@@ -308,11 +298,8 @@ def normalize(images):
 
 
 def augment(images):
-    """Random crop 32 with zero padding 4 and a random horizontal flip, drawn per image.
-
-    torchvision's RandomCrop/RandomHorizontalFlip draw one crop per call (per batch when given a
-    batch), so the per-image version is one gather: each output pixel reads its shifted source.
-    """
+    """Random crop 32 with zero padding 4 and a random horizontal flip, drawn per image (torchvision
+    draws one per batch): one gather, each output pixel reading its shifted source."""
     batch, device = images.shape[0], images.device
     padded = F.pad(images, (4, 4, 4, 4))
     offset_y, offset_x = torch.randint(0, 9, (2, batch, 1), device=device)
@@ -325,18 +312,18 @@ def augment(images):
     return out.permute(0, 3, 1, 2)
 
 
-# -------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # 3. CLOSENet: parameters decoupled from operations
-# -------------------------------------------------------------------------------------------------
+#
 # The paper's words and this file's names:
-#   GLOW block: one set of weights for a cell's ops          GlowBlock; a cell's pool: glow_blocks
-#   K, the number of GLOW blocks per cell                    --blocks, CLOSENet.num_blocks
-#   sharing assignment: which block each edge of an arch uses  SharingAssignment
-#   GATE: graph encoder + MLP that draws the assignment      Gate, CLOSENet.sharing_assignment
-#   sharing extent: how many edges share one block           shrinks as `level` (active blocks) grows
-#   curriculum on the sharing extent                         curriculum_level (section 4)
-#   WIT, weight inheritance training                         add_glow_block (section 4)
-#   learning-rate restart at 40% of training                 restart_epoch (section 5)
+#   GLOW block: one set of weights for a cell's ops       GlowBlock; a cell's pool: glow_blocks
+#   K, the number of GLOW blocks per cell                 --blocks, CLOSENet.num_blocks
+#   sharing assignment: the block each edge of an arch uses   SharingAssignment
+#   GATE: graph encoder + MLP that draws the assignment   Gate, CLOSENet.sharing_assignment
+#   sharing extent: how many edges share one block        shrinks as `level` (active blocks) rises
+#   curriculum on the sharing extent                      curriculum_level (section 4)
+#   WIT, weight inheritance training                      add_glow_block (section 4)
+#   learning-rate restart at 40% of training              restart_epoch (section 5)
 #   de-isomorphic sampling: one arch per isomorphism class   unique_archs, train_epoch
 #   one-shot evaluation: an arch scored with shared weights  score_arch (section 6)
 #   vanilla one-shot supernet: one block per edge, no GATE   CLOSENet(baseline=True), --baseline
@@ -349,8 +336,8 @@ def autocast(device):
 
 
 def batch_norm(channels, affine=True):
-    # Architectures are always scored with batch statistics (the one-shot protocol), so running
-    # statistics would never be read: none are kept, and eval() mode uses batch statistics.
+    # Archs are scored with batch statistics (the one-shot protocol): running statistics would
+    # never be read, so none are kept, and eval() mode uses batch statistics too.
     return nn.BatchNorm2d(channels, affine=affine, track_running_stats=False)
 
 
@@ -361,8 +348,8 @@ def relu_conv_bn(x, weight):
 
 
 class GlowBlock(nn.Module):
-    """A GLOW block: one set of weights for a cell's parameterised ops (conv1x1, conv3x3). Which
-    block an edge uses is decided per architecture by the sharing assignment, not by the edge."""
+    """A GLOW block: one set of weights for a cell's parameterised ops, used by whichever edges
+    the sharing assignment sends to it."""
 
     def __init__(self, channels):
         super().__init__()
@@ -379,16 +366,15 @@ class GlowBlock(nn.Module):
 
 @dataclass
 class SharingAssignment:
-    """Which GLOW block each of the 6 edges uses, in every cell. `blocks` is a list when fixed
-    (vanilla, level 1, scoring) or a device tensor drawn by the GATE in training, when `gate`
-    holds its straight-through weights [6, level] (one-hot at `blocks` in the forward pass)."""
+    """The GLOW block of each edge, in every cell: a list, or in training the GATE's draw (a
+    device tensor) with its straight-through weights `gate` [6, level], one-hot at `blocks`."""
     blocks: list[int] | torch.Tensor
     gate: torch.Tensor | None = None
 
 
 def glow_op_reference(x, op, edge, glow_blocks, assignment):
-    """The paper's edge output: sum_i gate_i * block_i(x) over the active blocks, every block with
-    autograd (as the official code computes it). The gate is one-hot in the forward pass."""
+    """The paper's edge output, sum_i gate_i * block_i(x) over the active blocks, each with
+    autograd, as the official code computes it."""
     if assignment.gate is None:
         return relu_conv_bn(x, glow_blocks[assignment.blocks[edge]].weight(op))
     gate = assignment.gate[edge]
@@ -396,23 +382,19 @@ def glow_op_reference(x, op, edge, glow_blocks, assignment):
 
 
 def glow_op(x, op, edge, glow_blocks, assignment):
-    """glow_op_reference computed fast: the same output, loss and every gradient (tested).
-
-    A block with forward weight 0 gets no gradient, so only the chosen block needs autograd; the
-    others are needed for their *values* alone (the gate's gradient is <dL/d out, block_i(x)>),
-    so they run forward-only, fused into one convolution. The choice stays on the device.
-    """
+    """glow_op_reference, fast, with the same output and gradients (tested). Only the chosen block
+    needs autograd (the others' forward weight is 0); the others matter by their values alone,
+    for the gate's gradient <dL/d out, block_i(x)>: one fused forward-only conv."""
     if assignment.gate is None:
         return relu_conv_bn(x, glow_blocks[assignment.blocks[edge]].weight(op))
     gate = assignment.gate[edge]                                    # [level]
     level = gate.shape[0]
     weights = torch.stack([block.weight(op) for block in glow_blocks[:level]])
-    chosen = assignment.blocks[edge].view(1)
+    chosen = assignment.blocks[edge].view(1)                        # on the device: no host sync
     out = gate.index_select(0, chosen) * relu_conv_bn(x, weights.index_select(0, chosen)[0])
     if level > 1:
-        # the level-1 blocks not chosen, computed as one conv with (level-1)*C output channels
         others = (chosen + torch.arange(1, level, device=chosen.device)) % level
-        with torch.no_grad():
+        with torch.no_grad():  # one conv with (level-1)*C output channels
             values = relu_conv_bn(x, weights.index_select(0, others).flatten(0, 1))
         values = values.unflatten(1, (level - 1, -1))
         out = UnchosenBlocks.apply(out, gate.index_select(0, others), values)
@@ -420,8 +402,8 @@ def glow_op(x, op, edge, glow_blocks, assignment):
 
 
 class UnchosenBlocks(torch.autograd.Function):
-    """out + sum_k gate_k * value_k for the unchosen blocks, whose gate_k is exactly 0 in the
-    forward pass: the sum adds nothing, so only its gradient, <dL/d out, value_k>, is computed."""
+    """out + sum_k gate_k * value_k over the unchosen blocks, whose gate_k is exactly 0 forward:
+    the sum adds nothing, so only its gradient, <dL/d out, value_k>, is computed."""
 
     @staticmethod
     def forward(ctx, out, gate, values):
@@ -437,12 +419,6 @@ class UnchosenBlocks(torch.autograd.Function):
         values = values.permute(0, 3, 4, 1, 2).reshape(-1, blocks, channels).float()
         grad = grad_out.permute(0, 2, 3, 1).reshape(-1, channels, 1).float()
         return grad_out, torch.bmm(values, grad).sum((0, 2)).to(ctx.gate_dtype), None
-
-
-def parameter_free_op(x, op):
-    if op == SKIP:
-        return x
-    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)  # AVG_POOL
 
 
 class Cell(nn.Module):
@@ -462,15 +438,16 @@ class Cell(nn.Module):
                     continue
                 if op in (CONV1X1, CONV3X3):
                     terms.append(glow_op(nodes[src], op, e, self.glow_blocks, assignment))
+                elif op == SKIP:
+                    terms.append(nodes[src])
                 else:
-                    terms.append(parameter_free_op(nodes[src], op))
-            # only node 3 can be empty: live edges never read an empty node
-            nodes.append(sum(terms) if terms else None)
+                    terms.append(F.avg_pool2d(nodes[src], 3, 1, 1, count_include_pad=False))
+            nodes.append(sum(terms) if terms else None)  # live edges never read an empty node
         return nodes[3] if nodes[3] is not None else torch.zeros_like(x)
 
 
 class ResidualReduction(nn.Module):
-    """NB201's reduction block between stages: a ResNet basic block, stride 2, channels doubled."""
+    """NB201's reduction between stages: a ResNet basic block, stride 2, channels doubled."""
 
     def __init__(self, c_in, c_out):
         super().__init__()
@@ -485,12 +462,10 @@ class ResidualReduction(nn.Module):
 
 
 class Gate(nn.Module):
-    """The GATE: a graph encoder of the architecture and, per edge, an MLP giving one logit per
-    block. Encoder (GATES-style, node level): node 0 starts from a learned embedding, nodes 1-3
-    from zero; each graph layer sends node j's message W h_j to node i through an attention vector
-    made from the op on edge j->i (zero when that op is none), so the ops steer the information
-    flow. The widths (op embedding 48, lift 96, 5 graph layers of 128, MLP 200) are the official
-    NB201 config."""
+    """The GATE: a GATES-style graph encoder of the arch, then per edge an MLP giving a logit per
+    block. Node 0 starts from a learned embedding, nodes 1-3 from zero; each graph layer sends
+    node j's message W h_j to node i through an attention vector made from the op on edge j->i
+    (zero for none). Widths: the official NB201 config."""
 
     def __init__(self, num_blocks, embedding=48, hidden=96, graph_layers=(128,) * 5, mlp=200,
                  dropout=0.1):
@@ -499,7 +474,8 @@ class Gate(nn.Module):
         self.input_node_embedding = nn.Parameter(torch.randn(embedding))
         self.lift = nn.Linear(embedding, hidden)
         widths = (hidden,) + tuple(graph_layers)
-        self.messages = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in zip(widths, widths[1:]))
+        pairs = list(zip(widths, widths[1:]))
+        self.messages = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in pairs)
         self.attention = nn.ModuleList(nn.Linear(embedding, b) for b in widths[1:])
         self.mlp = nn.Sequential(
             nn.Linear(2 * widths[-1], mlp), nn.ReLU(), nn.Dropout(dropout),
@@ -510,18 +486,18 @@ class Gate(nn.Module):
         self.register_buffer("edge_dst", torch.tensor([d for _, d in EDGES]), persistent=False)
 
     def forward(self, archs):
-        """archs: long tensor [..., 6] (one arch or a batch) -> logits [..., 6, num_blocks]."""
+        """archs: long tensor [..., 6] -> logits [..., 6, num_blocks]."""
         op_matrix = archs.new_zeros(*archs.shape[:-1], 4, 4)
         op_matrix[..., self.edge_dst, self.edge_src] = archs
         op_features = self.op_embedding(op_matrix)                    # [..., to, from, embedding]
         is_edge = (op_matrix != NONE).unsqueeze(-1)
-        nodes = F.pad(self.input_node_embedding[None], (0, 0, 0, 3))  # node 0 learned, 1-3 zero
+        nodes = F.pad(self.input_node_embedding[None], (0, 0, 0, 3))
         h = self.lift(nodes).expand(*archs.shape[:-1], 4, -1)
         for layer, (message, attention) in enumerate(zip(self.messages, self.attention)):
             support = message(h)                                      # [..., node, width]
             att = torch.sigmoid(attention(op_features)) * is_edge     # [..., to, from, width]
             h_next = torch.einsum("...ijw,...jw->...iw", att, support)
-            # node 0 has no incoming edges: it keeps its own message
+            # node 0 has no incoming edge: it keeps its own message
             h = torch.cat([h_next[..., :1, :] + support[..., :1, :], h_next[..., 1:, :]], dim=-2)
             if layer < len(self.messages) - 1:
                 h = F.relu(h)
@@ -535,7 +511,7 @@ class Gate(nn.Module):
         last.bias[new] += last.bias[new - 1]
 
 
-GUMBEL_TEMPERATURE = 5.0  # the official NB201 config; the forward draw is argmax(logits + Gumbel)
+GUMBEL_TEMPERATURE = 5.0  # official; the forward draw is argmax(logits + Gumbel) whatever it is
 
 
 class CLOSENet(nn.Module):
@@ -545,7 +521,7 @@ class CLOSENet(nn.Module):
         super().__init__()
         self.baseline = baseline
         self.num_blocks = len(EDGES) if baseline else num_blocks
-        self.level = self.num_blocks if baseline else 1  # active blocks (curriculum level)
+        self.level = self.num_blocks if baseline else 1  # active blocks: the curriculum level
         self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1, bias=False),
                                   batch_norm(channels))
         layers = []
@@ -555,36 +531,34 @@ class CLOSENet(nn.Module):
             layers += [Cell(width, self.num_blocks) for _ in range(cells)]
         self.layers = nn.ModuleList(layers)
         self.head = nn.Sequential(batch_norm(4 * channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                                  nn.Flatten(), nn.Dropout(0.1), nn.Linear(4 * channels, num_classes))
+                                  nn.Flatten(), nn.Dropout(0.1),
+                                  nn.Linear(4 * channels, num_classes))
         self.gate = None if baseline else Gate(num_blocks)
 
     def cells(self):
         return [layer for layer in self.layers if isinstance(layer, Cell)]
 
     def gate_logits(self, archs):
-        """The GATE's logits over the active blocks: [6, level] for one arch, [N, 6, level] for a
-        list of archs or a long tensor [N, 6]. Always fp32: bf16 would round them by ~5e-4, more
-        than a fresh GATE's architecture signal."""
+        """Logits over the active blocks: [6, level] for an arch, [N, 6, level] for a list or a
+        long tensor [N, 6]. fp32: bf16 rounds by ~5e-4, above a fresh GATE's arch signal."""
         device = self.gate.edge_src.device
         if not isinstance(archs, torch.Tensor):
             single = isinstance(archs, str) or isinstance(archs[0], (int, np.integer))
             ops = as_arch(archs) if single else [as_arch(arch) for arch in archs]
-            # non-blocking: the host queues the copy and goes on, no wait for the device mid-step
-            archs = torch.tensor(ops).to(device, non_blocking=True)
+            archs = torch.tensor(ops).to(device, non_blocking=True)  # the host does not wait
         with torch.autocast(device.type, enabled=False):
             return self.gate(archs.to(device))[..., :self.level]
 
     def sharing_assignment(self, arch, eval_gate="sample", seed=0):
-        """Which block each edge uses. Vanilla: its own; level 1: block 0. Training: a straight-
-        through Gumbel draw from the GATE. Scoring (eval mode), as the command line does by
-        default: one Gumbel draw seeded by `seed` and the arch (the official scorer; the same in
-        any scoring order), or with eval_gate='argmax' the GATE's argmax."""
+        """Vanilla: edge e on block e; level 1: block 0. Training: a straight-through Gumbel draw
+        from the GATE. Scoring (eval mode), as the official scorer and the command line: a draw
+        seeded by `seed` and the arch (the same in any order), or eval_gate='argmax'."""
         if self.baseline:
             return SharingAssignment(blocks=list(range(len(EDGES))))
         if self.level == 1:
-            return SharingAssignment(blocks=[0] * len(EDGES))  # all shared: nothing to choose
+            return SharingAssignment(blocks=[0] * len(EDGES))
         logits = self.gate_logits(arch)
-        if self.training:  # forward one-hot, gradient of the soft probabilities
+        if self.training:  # one-hot forward, the gradient of the soft probabilities
             gate = F.gumbel_softmax(logits, tau=GUMBEL_TEMPERATURE, hard=True)
             return SharingAssignment(blocks=gate.argmax(-1), gate=gate)
         if eval_gate == "argmax":
@@ -596,15 +570,13 @@ class CLOSENet(nn.Module):
 
     def forward(self, images, arch, assignment=None):
         arch = as_arch(arch)
-        if assignment is None:
-            assignment = self.sharing_assignment(arch)
+        assignment = assignment or self.sharing_assignment(arch)
         x = self.stem(images)
         for layer in self.layers:
             x = layer(x, arch, assignment) if isinstance(layer, Cell) else layer(x)
         return self.head(x)
 
-    # the curriculum level travels with the weights in state_dict()
-    def get_extra_state(self):
+    def get_extra_state(self):  # the curriculum level travels with the weights in state_dict()
         return {"level": self.level}
 
     def set_extra_state(self, state):
@@ -617,21 +589,18 @@ def build_model(cfg, num_classes, device):
     return model.to(device, memory_format=MEMORY_FORMAT)
 
 
-# -------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # 4. Curriculum on the sharing extent
-# -------------------------------------------------------------------------------------------------
 def curriculum_level(epoch, epochs, num_blocks):
-    """Active blocks at 0-based `epoch`: one more every epochs/K epochs (official: 1000, every 200)."""
+    """Active blocks at 0-based `epoch`: one more every epochs/K (official: 1,000 and 200)."""
     return min(num_blocks, 1 + epoch * num_blocks // epochs)
 
 
 @torch.no_grad()
 def add_glow_block(model):
-    """Activate the next GLOW block with WIT, in place (the optimizer keeps training the same
-    tensors). As in the official code, the parent block's weights are *added* to the new block's
-    fresh initialisation, and the GATE's logit row likewise. An exact copy would silence the GATE:
-    twin blocks give equal <dL/d out, block_i(x)>, and twin logit rows no gradient at all into
-    its hidden layers and encoder."""
+    """The next GLOW block, with WIT in place (the optimizer keeps its tensors): as officially, the
+    parent's weights are added to the new block's fresh init, and the GATE's logit row likewise.
+    An exact copy would silence the GATE: twins give it no gradient at all."""
     new = model.level
     for cell in model.cells():
         parent = cell.glow_blocks[new - 1].parameters()
@@ -641,9 +610,8 @@ def add_glow_block(model):
     model.level = new + 1
 
 
-# -------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # 5. Training (the official recipe, scaled to --epochs)
-# -------------------------------------------------------------------------------------------------
 def make_optimizer(model, cfg):
     """SGD over everything, the GATE included, and the plateau schedule: the official recipe."""
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -657,17 +625,15 @@ def make_optimizer(model, cfg):
 
 
 def decay_the_idle_gate(model):
-    """At level 1 the GATE is out of the graph and SGD would skip it (no gradient). The official
-    code still decays it there, so a zero gradient lets SGD do the same: level 2 starts from a
-    GATE shrunk by weight decay, in any training loop that uses make_optimizer."""
+    """At level 1 the GATE is out of the graph, so SGD would skip it; the official code decays it
+    all the same (level 2 starts from a shrunk GATE). A zero gradient does that."""
     if model.level == 1:
         for p in model.gate.parameters():
             p.grad = torch.zeros_like(p)
 
 
 def restart_epoch(cfg):
-    """The official run restarts the optimizer (lr back to 0.05, fresh momentum) at epoch 401 of
-    1,000: the learning-rate restart, at 40% of training."""
+    """The learning-rate restart: official at epoch 401 of 1,000 (lr back to 0.05, no momentum)."""
     return int(0.4 * cfg.epochs)
 
 
@@ -683,9 +649,8 @@ def train_step(model, optimizer, images, labels, arch, grad_clip):
 
 
 def train_epoch(model, optimizer, data, cfg, progress, stop=None):
-    """One pass over the training split (resumable: `progress` holds where it is), one uniformly
-    drawn unique architecture per step (de-isomorphic sampling). Nothing is read back to the host
-    inside the pass; a stop request ends it after a step."""
+    """One pass, one uniformly drawn unique arch per step (de-isomorphic sampling), resumable from
+    `progress`; a stop request ends it after a step. Nothing is read back to the host."""
     model.train()
     archs, started = unique_archs(), time.time()
     for step in with_progress(range(progress.step, len(progress.losses)), "steps"):
@@ -693,7 +658,8 @@ def train_epoch(model, optimizer, data, cfg, progress, stop=None):
             break
         arch = archs[torch.randint(len(archs), ()).item()]  # CPU generator: no device sync
         batch = progress.order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-        images = normalize(augment(data.train_images[batch])).contiguous(memory_format=MEMORY_FORMAT)
+        images = normalize(augment(data.train_images[batch]))
+        images = images.contiguous(memory_format=MEMORY_FORMAT)
         labels = data.train_labels[batch]
         loss, logits = train_step(model, optimizer, images, labels, arch, cfg.grad_clip)
         progress.losses[step] = loss * len(batch)
@@ -704,10 +670,9 @@ def train_epoch(model, optimizer, data, cfg, progress, stop=None):
 
 
 def train(model, data, cfg, state, stop=None, epoch_done=lambda finished: None):
-    """CLOSE's schedule: at each epoch, grow the pool to the curriculum level (WIT), restart the
-    optimizer at 40%, make one pass, and step the plateau scheduler on the epoch's mean loss.
-    `state` (section 8) holds the optimizer, the scheduler and where training is. Returns False
-    when a stop request ended a pass early."""
+    """CLOSE's schedule: each epoch, grow the pool to the curriculum level (WIT), restart the
+    optimizer at 40%, make one pass, step the plateau scheduler on the mean loss. `state` (section
+    8) holds optimizer, scheduler and position. False: a stop ended a pass early."""
     for epoch in range(state.epoch, cfg.epochs):
         if state.epoch_progress is None:  # a new pass (a stopped one had grown and restarted)
             while model.level < curriculum_level(epoch, cfg.epochs, model.num_blocks):
@@ -726,20 +691,17 @@ def train(model, data, cfg, state, stop=None, epoch_done=lambda finished: None):
     return True
 
 
-# -------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # 6. Evaluation: one-shot scores, the GATE's health, ranking metrics
-# -------------------------------------------------------------------------------------------------
 def heldout_set(data, cfg):
-    """The held-out images that score architectures (the first --eval-batches batches, or all),
-    normalised once."""
+    """The held-out images that score archs (the first --eval-batches batches), normalised once."""
     count = cfg.eval_batches * cfg.batch_size or len(data.heldout_labels)
     images = normalize(data.heldout_images[:count]).contiguous(memory_format=MEMORY_FORMAT)
     return images, data.heldout_labels[:count]
 
 
 def archs_to_score(cfg, chosen=()):
-    """The given archs, or the unique archs (a subset seeded by --eval-seed: every run scores the
-    same ones)."""
+    """The given archs, or the unique ones (a subset seeded by --eval-seed: the same every run)."""
     if chosen:
         return chosen
     if 0 < cfg.eval_archs < len(unique_archs()):
@@ -749,9 +711,8 @@ def archs_to_score(cfg, chosen=()):
 
 @torch.no_grad()
 def score_arch(model, arch, images, labels, batch_size, eval_gate="sample", seed=0):
-    """One-shot evaluation: accuracy (%) and loss of arch on held-out data with the supernet's
-    weights; dropout off, BN on batch statistics (eval() does both here), blocks as
-    model.sharing_assignment gives them; means of per-batch values."""
+    """One-shot evaluation: accuracy (%) and loss of arch on held-out images with the supernet's
+    weights, means over batches; dropout off, BN on batch statistics (eval() here does both)."""
     model.eval()
     arch = as_arch(arch)
     assignment = model.sharing_assignment(arch, eval_gate, seed)
@@ -777,24 +738,22 @@ def edges_per_block(model, archs, cfg):
 
 @functools.cache
 def probe_archs():
-    """The fixed probe set of gate_health: 500 unique archs (seeded, the same in every run)."""
+    """gate_health's fixed probe set: 500 unique archs, the same in every run."""
     return tuple(random.Random(0).sample(unique_archs(), 500))
 
 
 @torch.no_grad()
 def gate_health(model, archs):
-    """Is the GATE routing by architecture, or blind, or collapsed? Over the routed edges (live,
-    with weights) of `archs`, in eval mode, over the active blocks:
-    spread: std over edges of the logits, centred per edge (softmax ignores a shift), mean over
-        blocks: ~1e-4 for a fresh GATE; below 0.05 no block's odds move by more than ~5%;
-    off_dominant: share of edges whose argmax is not the block most edges pick (0: collapsed);
-    entropy: mean entropy of softmax(logits), the distribution training draws blocks from,
-        over log(level): 1 = uniform random routing, 0 = deterministic."""
+    """Does the GATE route by arch? Over the routed edges of `archs`, on the active blocks:
+    spread: std over edges of the logits centred per edge, mean over blocks (under 0.05 no
+        block's odds move by more than ~5% from arch to arch); off_dominant: share of edges not
+        on the block most edges pick (0: collapsed); entropy of softmax(logits), the draw in
+        training, over log(level) (1: uniform)."""
     if model.gate is None or model.level == 1:
         return {"spread": None, "off_dominant": None, "entropy": None}
-    training = model.training
+    training, device = model.training, model.gate.edge_src.device
     routed = torch.tensor([[e in routed_edges(arch) for e in range(len(EDGES))] for arch in archs])
-    logits = model.eval().gate_logits(archs)[routed.to(model.gate.edge_src.device)]  # [edges, level]
+    logits = model.eval().gate_logits(archs)[routed.to(device)]  # [edges, level]
     model.train(training)
     p = logits.softmax(-1)
     entropy = -(p * p.clamp_min(1e-12).log()).sum(-1) / math.log(model.level)
@@ -822,12 +781,8 @@ def descending_ranks(values):
 
 
 def ranking_metrics(predicted, truth, ratios=(0.01, 0.05, 0.1, 0.5)):
-    """How well one-shot scores rank architectures against their true accuracies.
-
-    P@topK: share of the predicted top-k (k = int(N * ratio)) whose true rank is within the true
-    top-k; P@bottomK likewise from the bottom. BR@K / WR@K: 1 + best / worst true rank in the
-    predicted top-k.
-    """
+    """One-shot scores against true accuracies. k = int(N * ratio); P@topK: share of the predicted
+    top-k in the true top-k (P@bottomK likewise); BR/WR@K: 1 + best/worst true rank among them."""
     predicted, truth = np.asarray(predicted, dtype=float), np.asarray(truth, dtype=float)
     for name, values in (("predicted scores", predicted), ("truth", truth)):
         if np.isnan(values).any():
@@ -851,8 +806,7 @@ def ranking_metrics(predicted, truth, ratios=(0.01, 0.05, 0.1, 0.5)):
 
 @dataclass
 class GroundTruth:
-    """NB201 CIFAR-10 test accuracy of every arch (its isomorphism class's mean) and its class's
-    rank among the 6,466 (1 = best)."""
+    """NB201 CIFAR-10 test accuracy of every arch (its class's mean), its class's rank (1: best)."""
     accuracy: dict
     rank: dict
 
@@ -861,27 +815,25 @@ def load_ground_truth(path):
     try:
         import nb201_api_slim
     except ImportError:
-        raise UsageError("--nb201 needs nb201_api_slim.py next to close.py (both come from the "
-                         "same repository)") from None
+        raise UsageError("--nb201 needs nb201_api_slim.py next to close.py") from None
     try:
         table = nb201_api_slim.load(path)
-        by_class = table.group_accuracies(lambda text: canonical(str_to_arch(text)), "cifar10")
+        by_class = table.group_accuracies(lambda text: canonical(str_to_arch(text)))
     except (OSError, ValueError) as error:
         raise UsageError(f"--nb201 {path}: {error}") from None
     missing = len(set(unique_archs()) - by_class.keys())
     if missing:
-        raise UsageError(f"--nb201 {path}: no CIFAR-10 accuracy for {missing} of the "
-                         f"{len(unique_archs())} isomorphism classes")
+        raise UsageError(f"--nb201 {path}: no CIFAR-10 accuracy for {missing} of the 6,466 "
+                         f"isomorphism classes")
     class_rank = dict(zip(by_class, (descending_ranks(list(by_class.values())) + 1).tolist()))
     return GroundTruth({a: by_class[canonical(a)] for a in ALL_ARCHS},
                        {a: class_rank[canonical(a)] for a in ALL_ARCHS})
 
 
-# -------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # 7. Search: regularized evolution (Real et al., 2019) over unique architectures
-# -------------------------------------------------------------------------------------------------
 def mutate(arch, rng):
-    """Change the op on one edge; retry until the child is a different cell (not an isomorph)."""
+    """Change the op on one edge; retry until the child is another cell, not an isomorph."""
     while True:
         edge = rng.randrange(len(EDGES))
         child = list(arch)
@@ -893,11 +845,9 @@ def mutate(arch, rng):
 
 def regularized_evolution(fitness, budget, population_size=50, tournament_size=10, seed=0):
     """Age-regularized evolution: the tournament winner's mutant joins, the oldest member leaves.
-    `fitness` is any callable on an arch tuple; `budget` counts its calls. Returns the best arch
-    seen, its fitness, and the history [(arch, fitness)]. The search draws from its own stream:
-    seeded like the --eval-archs subset, it would start from exactly the scored archs."""
+    `budget` counts calls of `fitness`. Returns the best arch, its fitness and the history. Its
+    own random stream: seeded like --eval-archs, it would start from the scored archs."""
     rng = random.Random(f"regularized-evolution-{seed}")
-    candidates = unique_archs()
     history, population = [], []
 
     def evaluate(arch):
@@ -905,11 +855,10 @@ def regularized_evolution(fitness, budget, population_size=50, tournament_size=1
         population.append(history[-1])
 
     while len(history) < min(budget, population_size):
-        evaluate(rng.choice(candidates))
+        evaluate(rng.choice(unique_archs()))
     while len(history) < budget:
         sample = rng.sample(population, min(tournament_size, len(population)))
-        parent = max(sample, key=lambda member: member[1])
-        evaluate(mutate(parent[0], rng))
+        evaluate(mutate(max(sample, key=lambda member: member[1])[0], rng))
         population.pop(0)
     best = max(history, key=lambda member: member[1])
     return best[0], best[1], history
@@ -920,8 +869,8 @@ def search_with_supernet(model, images, labels, cfg, scores):
     outside `scores` are scored on demand and added to it."""
     def fitness(arch):
         if arch not in scores:
-            scores[arch] = score_arch(model, arch, images, labels, cfg.batch_size,
-                                      cfg.eval_gate, cfg.eval_seed)
+            scores[arch] = score_arch(model, arch, images, labels, cfg.batch_size, cfg.eval_gate,
+                                      cfg.eval_seed)
         return scores[arch][0]
 
     best, _, history = regularized_evolution(fitness, cfg.search_budget, cfg.population,
@@ -931,11 +880,9 @@ def search_with_supernet(model, images, labels, cfg, scores):
             "population": cfg.population, "tournament": cfg.tournament}
 
 
-# -------------------------------------------------------------------------------------------------
-# 8. Runs: options checked before work, checkpoints that resume exactly, readable outputs
-# -------------------------------------------------------------------------------------------------
-# Options that define the trained supernet (a resumed run must agree on all of them), and those
-# a checkpoint's weights need.
+# ----------------------------------------------------------------------------
+# 8. Runs: checked options, exact resume, torchrun, outputs, summary, benchmark
+# Options that define the trained supernet (a resumed run keeps them), and the model's own.
 RUN_OPTIONS = ("blocks", "baseline", "channels", "cells", "epochs", "batch_size", "lr", "momentum",
                "weight_decay", "grad_clip", "seed", "data", "train_subset")
 MODEL_OPTIONS = ("blocks", "baseline", "channels", "cells")
@@ -946,18 +893,18 @@ LOG_FIELDS = ("epoch", "level", "lr", "loss", "accuracy", "seconds", "images_per
 SCORE_FIELDS = ("arch", "oneshot_accuracy", "oneshot_loss", "nb201_accuracy")
 SUMMARY_METRICS = ("kendall_tau", "spearman", "pearson", "P@top1%", "P@top5%", "P@top10%",
                    "P@bottom5%", "BR@5%", "WR@5%")
+STOP_SIGNALS = [signal.SIGINT]  # the command line adds SIGTERM; a library caller keeps its own
+# Under torchrun (RANK set) rank 0 trains while the others wait; each rank then scores a share of
+# the archs, and rank 0 gathers them, searches, and alone prints and writes.
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 class Interrupted(Exception):
     """A run stopped on request (Ctrl-C, SIGTERM); the message says what was kept."""
 
 
-STOP_SIGNALS = [signal.SIGINT]  # the command line adds SIGTERM; a library caller keeps its own
-
-
 class StopRequest:
-    """Ctrl-C (or SIGTERM from the command line) during training: finish the current step,
-    checkpoint there, stop. A second Ctrl-C aborts at once (the previous checkpoint stays)."""
+    """Ctrl-C (SIGTERM from the command line): stop after this step. Twice: abort at once."""
 
     def __enter__(self):
         self.requested, self.previous = False, {}
@@ -977,8 +924,8 @@ class StopRequest:
 
 
 def with_progress(items, label):
-    """Yield from `items`, keeping a status line: done/total, rate, time left. A terminal sees one
-    line redrawn in place (erased at the end); a log file gets a line a minute on long work."""
+    """Yield from `items` with a status line (done, rate, time left): redrawn in place on a
+    terminal, a line a minute in a log file."""
     total, tty = len(items), sys.stdout.isatty()
     started = shown = time.time()
     for done, item in enumerate(items, 1):
@@ -986,7 +933,8 @@ def with_progress(items, label):
         now = time.time()
         if now - shown > (0.5 if tty else 60) and done < total:
             rate, shown = done / (now - started), now
-            line = f"{label}: {done:,}/{total:,}  {rate:,.1f}/s  {minutes((total - done) / rate)} left"
+            left = minutes((total - done) / rate)
+            line = f"{label}: {done:,}/{total:,}  {rate:,.1f}/s  {left} left"
             print(f"\r{line}\033[K" if tty else line, end="" if tty else "\n", flush=True)
     if tty and shown > started:
         print("\r\033[K", end="", flush=True)
@@ -997,43 +945,34 @@ def minutes(seconds):
 
 
 def resolve_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        device = torch.device(name if name != "auto" else
-                              "cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"--device {name}: unknown device (use cpu, cuda, cuda:N or auto)") from None
-    problem = ""
-    if device.type not in ("cpu", "cuda"):
-        problem = "only cpu and cuda are supported"
-    elif device.type == "cuda" and not torch.cuda.is_available():
-        problem = f"CUDA is not available here (torch {torch.__version__}); use --device cpu"
-    elif device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        problem = f"this machine has {torch.cuda.device_count()} CUDA device(s)"
-    if problem:
-        raise UsageError(f"--device {name}: {problem}")
+        raise UsageError(f"--device {name}: unknown device") from None
+    count = torch.cuda.device_count()
+    if device.type == "cuda" and not count:
+        raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda") or (device.index or 0) >= max(count, 1):
+        raise UsageError(f"--device {name}: use cpu, cuda or cuda:N (N < {count})")
     return device
 
 
 def check_config(cfg):
-    """Every option, before anything is read or written."""
-    rules = [(("epochs", "batch_size", "blocks", "channels", "cells", "population", "tournament",
-               "lr", "grad_clip"), lambda v: v > 0, "be positive"),
-             (("eval_archs", "eval_batches", "search_budget", "train_subset", "weight_decay"),
+    """Every option, before anything is read or written (argparse checks the choices)."""
+    rules = [("epochs batch_size blocks channels cells population tournament lr grad_clip",
+              lambda v: v > 0, "be positive"),
+             ("eval_archs eval_batches search_budget train_subset weight_decay",
               lambda v: v >= 0, "be 0 or more"),
-             (("momentum",), lambda v: 0 <= v < 1, "be in [0, 1)")]
+             ("momentum", lambda v: 0 <= v < 1, "be in [0, 1)")]
     for names, valid, rule in rules:
-        for name in names:
-            if not valid(getattr(cfg, name)):
-                raise UsageError(f"--{name.replace('_', '-')} must {rule}, got {getattr(cfg, name)}")
-    for option in fields(Config):
-        choices, value = option.metadata["choices"], getattr(cfg, option.name)
-        if choices and value not in choices:
-            raise UsageError(f"--{option.name.replace('_', '-')} {value}: choose one of "
-                             f"{', '.join(choices)}")
+        for name in names.split():
+            if not valid(value := getattr(cfg, name)):
+                raise UsageError(f"--{name.replace('_', '-')} must {rule}, got {value}")
     if not cfg.baseline and cfg.epochs < cfg.blocks:
         raise UsageError(f"--epochs {cfg.epochs} is smaller than the {cfg.blocks} curriculum "
-                         f"stages (--blocks {cfg.blocks}): use --epochs {cfg.blocks} or more, "
-                         f"or --blocks {cfg.epochs}")
+                         f"stages: use --epochs {cfg.blocks} or more, or --blocks {cfg.epochs}")
 
 
 def default_out(cfg):
@@ -1043,50 +982,42 @@ def default_out(cfg):
 
 
 def settle_options(cfg, given, resume, load):
-    """A resumed or loaded run takes its options from the run, except those typed now (`given`);
-    typed options that would change the trained supernet are an error naming them. Returns the
-    options and, for --load, the checkpoint."""
+    """A resumed or loaded run takes the run's options but those typed now (`given`), which must
+    not change the trained supernet. Returns them and, for --load, the checkpoint."""
+    checkpoint, fixed = None, RUN_OPTIONS + ("eval_batches", "eval_gate")
     if load:
-        checkpoint = load_checkpoint(load)
-        saved, fixed = checkpoint["config"], MODEL_OPTIONS
+        checkpoint, fixed = load_checkpoint(load), MODEL_OPTIONS
+        saved = checkpoint["config"]
     elif resume:
-        out = Path(cfg.out or default_out(cfg))
-        if not (out / "config.json").exists():
-            raise UsageError(f"--resume: {out} holds no run (no config.json)")
-        checkpoint, saved = None, json.loads((out / "config.json").read_text())
-        fixed = RUN_OPTIONS + ("eval_batches", "eval_gate")
+        path = Path(cfg.out or default_out(cfg)) / "config.json"
+        if not path.exists():
+            raise UsageError(f"--resume: {path.parent} holds no run")
+        saved = json.loads(path.read_text())
     else:
         return cfg, None
     conflicts = [f"--{name.replace('_', '-')} ({saved[name]} there, {getattr(cfg, name)} now)"
                  for name in fixed if name in given and saved[name] != getattr(cfg, name)]
-    # options of older versions of close.py: a run that changed them needs that version
-    retired = {"growth": "official", "gate_norm": "none", "gate_weight_decay": saved["weight_decay"]}
-    conflicts += [f"--{name.replace('_', '-')} {saved[name]} (not in this version)"
-                  for name, value in retired.items() if saved.get(name, value) != value]
     if conflicts:
-        raise UsageError(f"{'--load ' + load if load else '--resume'} was run with other "
-                         f"options: {', '.join(conflicts)}")
-    typed = {name: getattr(cfg, name) for name in given}
-    settled = Config(**{**{k: v for k, v in saved.items() if k in asdict(cfg)}, **typed})
+        raise UsageError(f"the run had other options: {', '.join(conflicts)}")
+    settled = Config(**{key: value for key, value in saved.items() if key in asdict(cfg)})
+    for name in given:
+        setattr(settled, name, getattr(cfg, name))
     if load:
         settled.out = cfg.out or str(Path(load).parent / "rescored")
         if settled.data != saved["data"]:
-            print(f"note: scoring on --data {settled.data}; the supernet was trained on "
-                  f"{saved['data']}")
+            print(f"note: scoring on {settled.data}; the supernet was trained on {saved['data']}")
     return settled, checkpoint
 
 
 def claim_out(cfg, resume):
-    """The output folder, checked before any slow work; nothing is written yet. It never holds
-    another run (unless resumed) nor files of the user's that the run would overwrite."""
+    """The output folder, checked before any slow work: never one holding another run (unless
+    resumed) or files the run would overwrite."""
     out = Path(cfg.out or default_out(cfg))
     taken = [name for name in OUTPUT_FILES if (out / name).exists()]
     if "config.json" in taken and not resume:
-        raise UsageError(f"--out {out} already holds a run: add --resume to continue it, or "
-                         f"choose another --out")
+        raise UsageError(f"--out {out} already holds a run: --resume it or choose another --out")
     if taken and "config.json" not in taken:
-        raise UsageError(f"--out {out} holds {', '.join(taken)}, which this run would "
-                         f"overwrite: choose another --out")
+        raise UsageError(f"--out {out} holds {', '.join(taken)}: choose another --out")
     return out
 
 
@@ -1110,7 +1041,7 @@ def csv_text(header, rows):
 class EpochProgress:
     """One pass over the training split, which can stop after any step and continue exactly."""
     order: torch.Tensor    # the image order of this pass
-    losses: torch.Tensor   # per step: loss x batch size, kept on the device (read at the end)
+    losses: torch.Tensor   # per step: loss x batch size, on the device (read at the end)
     correct: torch.Tensor  # training images classified correctly so far
     lr: float              # the learning rate the pass started with
     archs: list = field(default_factory=list)  # each step's arch, to name one that breaks
@@ -1119,7 +1050,7 @@ class EpochProgress:
 
     @classmethod
     def begin(cls, data, cfg, lr):
-        device, images = data.train_labels.device, len(data.train_labels)
+        images, device = len(data.train_labels), data.train_labels.device
         steps = math.ceil(images / cfg.batch_size)
         return cls(torch.randperm(images, device=device), torch.zeros(steps, device=device),
                    torch.zeros((), device=device), lr)
@@ -1127,13 +1058,12 @@ class EpochProgress:
 
 @dataclass
 class TrainingState:
-    """Everything the schedule changes as it goes. With the model's state_dict() (weights and
-    level), its state_dict() is all an exact resume needs: training draws from torch's
-    generators only."""
+    """What the schedule changes as it goes; with the model's weights and level, all an exact
+    resume needs (training draws from torch's generators only)."""
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
     epoch: int = 0                               # epochs finished
-    epoch_progress: EpochProgress | None = None  # the pass under way, when a stop interrupted it
+    epoch_progress: EpochProgress | None = None  # the pass a stop interrupted
 
     def state_dict(self):
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
@@ -1152,7 +1082,6 @@ class TrainingState:
 
 
 def save_checkpoint(path, cfg, model, state, log):
-    """Weights, training state and log; the previous file stays until this one is complete."""
     checkpoint = {"config": asdict(cfg), "model": model.state_dict(), "log": log,
                   **state.state_dict()}
     write_atomic(path, lambda temporary: torch.save(checkpoint, temporary))
@@ -1161,50 +1090,46 @@ def save_checkpoint(path, cfg, model, state, log):
 def load_checkpoint(path, device="cpu"):
     try:
         return torch.load(path, map_location=device, weights_only=True)
-    except Exception as error:  # torch.load raises many kinds; its advice to drop weights_only
+    except Exception as error:  # of many kinds; torch's advice to drop weights_only is unsafe
         raise UsageError(f"{path}: not a close.py checkpoint ({type(error).__name__})") from None
 
 
-def epoch_row(model, state, finished, log, out, health):
+def epoch_row(model, state, finished, log, out):
     """The log row of a finished pass; a non-finite loss stops the run, naming its step and arch."""
-    losses = finished.losses.tolist()
+    losses, images = finished.losses.tolist(), len(finished.order)
     bad = next((i for i, value in enumerate(losses) if not math.isfinite(value)), None)
     if bad is not None:
-        kept = (f"{out / 'checkpoint.pt'} keeps epoch {state.epoch - 1}" if log else
-                "no epoch finished, nothing was saved")
+        kept = f"{out / 'checkpoint.pt'} keeps epoch {state.epoch - 1}" if log else "none saved"
         raise UsageError(f"the training loss became non-finite in epoch {state.epoch}, step "
                          f"{bad + 1} (arch {arch_to_str(finished.archs[bad])}); {kept}")
-    images = len(finished.order)
+    health = gate_health(model, probe_archs())
     return {"epoch": state.epoch, "level": model.level, "lr": finished.lr,
             "loss": sum(losses) / images, "accuracy": finished.correct.item() / images,
-            "seconds": round(finished.seconds, 3), "images_per_s": round(images / finished.seconds, 1),
+            "seconds": round(finished.seconds, 3),
+            "images_per_s": round(images / finished.seconds, 1),
             **{f"gate_{key}": value for key, value in health.items()}}
 
 
 def fit(model, data, cfg, out):
-    """train() with a checkpoint after every epoch (and where a stop lands), log.csv, and an epoch
-    line with the GATE's health. Resumes from out/checkpoint.pt when it exists."""
+    """train() with a checkpoint at every epoch's end (and where a stop lands), log.csv and an
+    epoch line; resumes from out/checkpoint.pt when there is one."""
     state, log = TrainingState(*make_optimizer(model, cfg)), []
     if (out / "checkpoint.pt").exists():
         saved = load_checkpoint(out / "checkpoint.pt", data.train_images.device)
         model.load_state_dict(saved["model"])
         state.load_state_dict(saved)
         log = saved["log"]
-        step = f", step {state.epoch_progress.step}" if state.epoch_progress else ""
-        print(f"resumed {out} after epoch {state.epoch}{step} (level {model.level})")
+        print(f"resumed {out} after epoch {state.epoch} (level {model.level})")
 
     def epoch_done(finished):
-        health = gate_health(model, probe_archs())
-        log.append(epoch_row(model, state, finished, log, out, health))
+        log.append(row := epoch_row(model, state, finished, log, out))
         save_checkpoint(out / "checkpoint.pt", cfg, model, state, log)
-        rows = [[row.get(name, "") for name in LOG_FIELDS] for row in log]
-        write_atomic(out / "log.csv", csv_text(LOG_FIELDS, rows))
-        row = log[-1]
+        write_atomic(out / "log.csv", csv_text(LOG_FIELDS, [list(row.values()) for row in log]))
         level = "" if model.baseline else f"level {model.level}  "
-        # later levels are slower: the time left at this epoch's pace is a lower bound
-        left = minutes(row["seconds"] * (cfg.epochs - row["epoch"]))
-        print(f"epoch {row['epoch']:4d}/{cfg.epochs}  loss {row['loss']:.4f}  "
-              f"acc {100 * row['accuracy']:5.1f}%  lr {row['lr']:.4g}  {level}"
+        left = minutes(row["seconds"] * (cfg.epochs - row["epoch"]))  # later levels are slower
+        health = {key: row["gate_" + key] for key in ("spread", "off_dominant", "entropy")}
+        print(f"epoch {row['epoch']:4d}/{cfg.epochs}  loss {row['loss']:.4f}  acc "
+              f"{100 * row['accuracy']:5.1f}%  lr {row['lr']:.4g}  {level}"
               f"{row['images_per_s']:,.0f} img/s  training left >= {left}  "
               f"{describe_gate(health)}", flush=True)
 
@@ -1212,38 +1137,78 @@ def fit(model, data, cfg, out):
         if not train(model, data, cfg, state, stop, epoch_done):
             save_checkpoint(out / "checkpoint.pt", cfg, model, state, log)
             raise Interrupted(f"stopped in epoch {state.epoch + 1} after step "
-                              f"{state.epoch_progress.step}; {out / 'checkpoint.pt'} holds that "
-                              f"point: rerun with --resume")
+                              f"{state.epoch_progress.step}: --resume continues")
     return log
 
 
+def start_ranks(cfg):
+    """Under torchrun: gloo (CPU messages, so ranks may share a GPU), with a timeout longer than
+    the training the others wait for; rank r on cuda:(LOCAL_RANK mod GPUs), or on its share of the
+    CPU's cores."""
+    dist.init_process_group("gloo", timeout=datetime.timedelta(days=30))
+    local, ranks_here = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    if cfg.device in ("auto", "cuda") and torch.cuda.is_available():
+        cfg.device = f"cuda:{local % torch.cuda.device_count()}"
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_here))
+
+
+def from_rank0(value):
+    box = [value]
+    dist.broadcast_object_list(box)
+    return box[0]
+
+
+def fit_on_rank0(model, data, cfg, out):
+    """fit() on rank 0, whose weights the others then take; they wait out a stop until rank 0
+    has checkpointed."""
+    weights = log = None
+    with StopRequest():
+        try:
+            if RANK == 0:
+                log = fit(model, data, cfg, out)
+                weights = {k: v.cpu() if torch.is_tensor(v) else v
+                           for k, v in model.state_dict().items()}
+        finally:
+            weights = from_rank0(weights)
+    if weights is None:
+        raise Interrupted("stopped with rank 0")
+    model.load_state_dict(weights)
+    return log
+
 
 def score_archs(model, images, labels, cfg, archs, path):
-    """One-shot scores of `archs`, appended to `path` as they come; rows already there (a stopped
-    run's) are reused, and a last row that a kill cut short is dropped."""
-    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
-    if lines and not lines[-1].endswith("\n"):
-        lines.pop()
+    """One-shot scores of `archs`, appended to `path` in order as they come; a stopped run's rows
+    are reused (but a last one that a kill cut short). Under torchrun rank r scores archs r,
+    r + WORLD, ...; rank 0 gathers and writes them. A stop ends all ranks after the same arch."""
     scores = {}
-    for arch, accuracy, loss, *_ in csv.reader(lines[1:]):
-        scores[str_to_arch(arch)] = (float(accuracy), float(loss))
-    write_atomic(path, csv_text(SCORE_FIELDS[:3], [[arch_to_str(a), *scores[a]] for a in scores]))
+    if RANK == 0:
+        lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+        if lines and not lines[-1].endswith("\n"):
+            lines.pop()
+        for arch, accuracy, loss, *_ in csv.reader(lines[1:]):
+            scores[str_to_arch(arch)] = (float(accuracy), float(loss))
+        rows = [[arch_to_str(a), *scores[a]] for a in scores]
+        write_atomic(path, csv_text(SCORE_FIELDS[:3], rows))
     todo = [arch for arch in archs if arch not in scores]
-    with open(path, "a", newline="") as file:
-        for arch in with_progress(todo, f"scoring {len(todo):,} archs on {len(labels):,} images"):
-            scores[arch] = score_arch(model, arch, images, labels, cfg.batch_size, cfg.eval_gate,
-                                      cfg.eval_seed)
-            csv.writer(file).writerow([arch_to_str(arch), *scores[arch]])
+    todo = from_rank0(todo) if WORLD > 1 else todo
+    label = f"scoring {len(todo):,} archs on {len(labels):,} images"
+    with open(path, "a" if RANK == 0 else os.devnull, newline="") as file, StopRequest() as stop:
+        for start in with_progress(range(0, len(todo), WORLD), label):
+            rows = [(arch, score_arch(model, arch, images, labels, cfg.batch_size, cfg.eval_gate,
+                                      cfg.eval_seed)) for arch in todo[start + RANK:][:1]]
+            stopping = stop.requested
+            if WORLD > 1:
+                everything = [None] * WORLD
+                dist.all_gather_object(everything, (rows, stopping))
+                rows = [row for part, _ in everything for row in part]
+                stopping = any(asked for _, asked in everything)
+            for arch, score in rows:
+                scores[arch] = score
+                csv.writer(file).writerow([arch_to_str(arch), *score])
             file.flush()
+            if stopping:
+                raise Interrupted("stopped while scoring: --resume continues")
     return scores
-
-
-def result_row(arch, scores, truth):
-    accuracy, loss = scores[arch]
-    row = {"arch": arch_to_str(arch), "oneshot_accuracy": accuracy, "oneshot_loss": loss}
-    if truth is None:
-        return row
-    return {**row, "nb201_accuracy": truth.accuracy[arch], "nb201_rank": truth.rank[arch]}
 
 
 def run(cfg, resume=False, load="", arch_strings=(), given=()):
@@ -1255,11 +1220,12 @@ def run(cfg, resume=False, load="", arch_strings=(), given=()):
         chosen_archs = tuple(dict.fromkeys(str_to_arch(text) for text in arch_strings))
     except ValueError as error:
         raise UsageError(f"--arch: {error}") from None
-    device, out = resolve_device(cfg.device), claim_out(cfg, resume)
+    if WORLD > 1:
+        start_ranks(cfg)
+    device, out = resolve_device(cfg.device), claim_out(cfg, resume or RANK > 0)
     truth = load_ground_truth(cfg.nb201) if cfg.nb201 else None  # never seen by the search
     if not plotting_available():
-        print(f"matplotlib is not installed: ranking.png will be skipped (pip install "
-              f"matplotlib; then python close.py --plot {out})")
+        print(f"no matplotlib: no ranking.png (pip install matplotlib; close.py --plot {out})")
     times, started = {}, time.time()
     try:
         data = load_dataset(cfg).to(device)
@@ -1267,26 +1233,28 @@ def run(cfg, resume=False, load="", arch_strings=(), given=()):
         model = build_model(cfg, data.num_classes, device)
         print(f"{out.name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
               f"{len(data.train_labels):,} train / {len(data.heldout_labels):,} held-out images, "
-              f"device {device}", flush=True)
-        out.mkdir(parents=True, exist_ok=True)
-        # the run starts: from here the folder is its own
-        write_atomic(out / "config.json", json.dumps(asdict(cfg), indent=2))
+              f"{device}", flush=True)
+        if RANK == 0:  # the run starts: from here the folder is its own
+            out.mkdir(parents=True, exist_ok=True)
+            write_atomic(out / "config.json", json.dumps(asdict(cfg), indent=2))
         if checkpoint:
             model.load_state_dict(checkpoint["model"])
-        log = checkpoint["log"] if checkpoint else fit(model, data, cfg, out)
-        times["train_s"] = sum(row["seconds"] for row in log)
-        return score_rank_search(model, data, cfg, out, chosen_archs, truth, times, log)
+        train_supernet = fit_on_rank0 if WORLD > 1 else fit
+        log = checkpoint["log"] if checkpoint else train_supernet(model, data, cfg, out)
+        times["train_s"] = sum(row["seconds"] for row in log or [])
+        return score_rank_search(model, data, cfg, out, chosen_archs, truth, times)
     except KeyboardInterrupt:
         saved = (out / "config.json").exists()
-        kept = f"{out} keeps what was saved: rerun with --resume" if saved else "nothing was saved"
-        raise Interrupted(f"interrupted; {kept}") from None
+        raise Interrupted("interrupted: " + ("--resume continues" if saved else
+                                             "nothing was saved")) from None
 
 
-def score_rank_search(model, data, cfg, out, chosen_archs, truth, times, log):
-    """Score the archs on the held-out split, rank them against NB201, search, report."""
+def score_rank_search(model, data, cfg, out, chosen_archs, truth, times):
     started, (images, labels) = time.time(), heldout_set(data, cfg)
     archs = archs_to_score(cfg, chosen_archs)
     scores = score_archs(model, images, labels, cfg, archs, out / "scores.csv")
+    if RANK > 0:
+        return None
     times["score_s"] = time.time() - started
     rows = [[arch_to_str(a), *scores[a], truth.accuracy[a] if truth else ""] for a in archs]
     write_atomic(out / "scores.csv", csv_text(SCORE_FIELDS, rows))
@@ -1308,46 +1276,42 @@ def score_rank_search(model, data, cfg, out, chosen_archs, truth, times, log):
                "gate": gate_health(model, probe_archs()), "heldout_images": len(labels),
                "device": str(images.device)}
     write_atomic(out / "metrics.json", json.dumps(results, indent=2))
-    print_summary(out, results, log)
+    print_summary(out, results)
     plot_run(out)
     return results
 
 
-def print_summary(out, results, log):
+def result_row(arch, scores, truth):
+    row = {"arch": arch_to_str(arch), "oneshot_accuracy": scores[arch][0],
+           "oneshot_loss": scores[arch][1]}
+    if truth:
+        row.update(nb201_accuracy=truth.accuracy[arch], nb201_rank=truth.rank[arch])
+    return row
+
+
+def print_summary(out, results):
     times = ", ".join(f"{key[:-2]} {minutes(value)}" for key, value in results["times"].items())
     print(f"\n== {results['run']} ({out}) ==\nwall time: {times}")
-    if log:
-        print(f"last epoch: loss {log[-1]['loss']:.4f}, train accuracy "
-              f"{100 * log[-1]['accuracy']:.1f}%, level {log[-1]['level']}")
-    print(f"mean one-shot accuracy {results['mean_oneshot_accuracy']:.1f}% over "
-          f"{results['scored_archs']} archs")
     if results["gate"]["spread"] is not None:
         usage = results["scoring_edges_per_block"]
-        shared = f" (all on block {np.argmax(usage)}: a fully shared supernet)"
-        print(f"{describe_gate(results['gate'])}\nat scoring, the scored archs' routed edges per "
-              f"block: {usage}{shared if max(usage) == sum(usage) else ''}")
-    # the sibling run (close-... / vanilla-...) beside it, when it has finished
-    sibling = out.parent / out.name.replace(*(("close", "vanilla") if "close" in out.name else
-                                              ("vanilla", "close")))
+        print(f"{describe_gate(results['gate'])}\nscored archs' routed edges per block: {usage}")
+    kinds = ("close", "vanilla") if "close" in out.name else ("vanilla", "close")
+    sibling = out.parent / out.name.replace(*kinds)  # close-... beside vanilla-..., if finished
     done = sibling != out and (sibling / "metrics.json").exists()
     print_metrics_table([results] + ([finished_run(sibling)] if done else []))
-    print("top-5 by one-shot accuracy:")
-    for row in results["top5"]:
-        print(f"  {row['oneshot_accuracy']:5.1f}%  {row['arch']}{nb201_words(row)}")
+    rows = [("", row) for row in results["top5"]]
     if results["search"]:
-        best = results["search"]["best"]
-        print(f"search ({results['search']['budget']} evaluations): {best['arch']}  one-shot "
-              f"{best['oneshot_accuracy']:.1f}%{nb201_words(best)}")
-
-
-def nb201_words(row):
-    if "nb201_rank" not in row:
-        return ""
-    return f"  NB201 {row['nb201_accuracy']:.2f}% (rank {row['nb201_rank']:,} of 6,466)"
+        rows.append((f"search ({results['search']['budget']} evaluations) ",
+                     results["search"]["best"]))
+    print("top-5 by one-shot accuracy:")
+    for what, row in rows:
+        nb201 = ""
+        if "nb201_rank" in row:
+            nb201 = f"  NB201 {row['nb201_accuracy']:.2f}% (rank {row['nb201_rank']:,} of 6,466)"
+        print(f"  {what}{row['oneshot_accuracy']:5.1f}%  {row['arch']}{nb201}")
 
 
 def finished_run(folder):
-    """A finished run's metrics.json, named by its folder."""
     path = Path(folder) / "metrics.json"
     if not path.exists():
         raise UsageError(f"--compare: {path} does not exist (is {folder} a finished run?)")
@@ -1355,33 +1319,28 @@ def finished_run(folder):
 
 
 def print_metrics_table(runs):
-    """Finished runs side by side (the summary, --compare): ranking metrics, the mean one-shot
-    accuracy, the search's result, times."""
+    """Finished runs side by side (the summary, --compare)."""
     def cell(value):
         return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
-    rows = [("", [run["run"] for run in runs])]
-    if runs[0]["ranking"]:
-        rows += [(name, [cell((run["ranking"] or {}).get(name)) for run in runs])
-                 for name in SUMMARY_METRICS]
-    else:
+    ranked, best = runs[0]["ranking"], [(run["search"] or {}).get("best", {}) for run in runs]
+    best = [row if "nb201_rank" in row else None for row in best]
+    if not ranked:
         print("ranking metrics: none (pass --nb201 FILE to compare against NAS-Bench-201)")
-    best = [(run["search"] or {}).get("best", {}) for run in runs]
-    rows += [("mean one-shot", [f"{run['mean_oneshot_accuracy']:.1f}%" for run in runs]),
-             ("search NB201", [f"{b['nb201_accuracy']:.2f}%" if "nb201_rank" in b else "-"
-                               for b in best]),
-             ("search rank", [f"{b['nb201_rank']:,}/6,466" if "nb201_rank" in b else "-"
-                              for b in best]),
-             ("train, score", [f"{minutes(run['times']['train_s'])}, "
-                               f"{minutes(run['times']['score_s'])}" for run in runs])]
-    width = 2 + max(len(text) for _, cells in rows for text in cells)
-    for name, cells in rows:
+    rows = {"": [run["run"] for run in runs]}
+    for name in SUMMARY_METRICS if ranked else ():
+        rows[name] = [cell((run["ranking"] or {}).get(name)) for run in runs]
+    rows["mean one-shot"] = [f"{run['mean_oneshot_accuracy']:.1f}%" for run in runs]
+    rows["search NB201"] = [f"{b['nb201_accuracy']:.2f}%" if b else "-" for b in best]
+    rows["search rank"] = [f"{b['nb201_rank']:,}/6,466" if b else "-" for b in best]
+    rows["train, score"] = [", ".join(minutes(run["times"][key]) for key in ("train_s", "score_s"))
+                            for run in runs]
+    width = 2 + max(len(text) for cells in rows.values() for text in cells)
+    for name, cells in rows.items():
         print(f"{name:14s}" + "".join(f"{text:>{width}s}" for text in cells))
-    if runs[0]["ranking"]:
-        n = runs[0]["ranking"]["n"]
-        print(f"(P@top/bottom K: share of the predicted top/bottom K% of the {n:,} scored archs "
-              f"that truly are; BR/WR@5%: the best/worst true rank, among those {n:,}, of the "
-              f"predicted top 5%; '-': K% of them is under one arch, or no search)")
+    if ranked:
+        print(f"(P@top/bottom K: share of the predicted top/bottom K% of the {ranked['n']:,} "
+              f"archs that truly are; BR/WR@5%: the best/worst true rank of the predicted top 5%)")
 
 
 def plotting_available():
@@ -1389,60 +1348,51 @@ def plotting_available():
 
 
 def plot_run(out):
-    """ranking.png from a run folder's files: one-shot vs NB201 accuracy, and the training curve
-    with the curriculum level. matplotlib is optional: without it nothing is drawn."""
+    """ranking.png from a finished run: one-shot vs NB201 accuracy (or a histogram of one-shot
+    accuracy), and the training loss with the curriculum level."""
     if not (out / "metrics.json").exists():
         raise UsageError(f"--plot {out}: not a finished run (no metrics.json)")
     if not plotting_available():
         return False
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = list(csv.DictReader(open(out / "scores.csv")))
-    ranking = json.loads((out / "metrics.json").read_text())["ranking"]
+    plt.switch_backend("Agg")
+    scores = list(csv.DictReader(open(out / "scores.csv")))
     log = list(csv.DictReader(open(out / "log.csv"))) if (out / "log.csv").exists() else []
+    ranking = json.loads((out / "metrics.json").read_text())["ranking"]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    vanilla = json.loads((out / "config.json").read_text())["baseline"]
-    figure.suptitle(f"{out.name}: {'vanilla' if vanilla else 'CLOSE'}, {len(rows)} archs scored")
-    oneshot = [float(row["oneshot_accuracy"]) for row in rows]
+    figure.suptitle(f"{out.name}: {len(scores)} archs scored")
+    oneshot = [float(row["oneshot_accuracy"]) for row in scores]
     if ranking:
-        truth = [float(row["nb201_accuracy"]) for row in rows]
-        left.scatter(truth, oneshot, s=min(30, max(4, 3000 / len(rows))), alpha=0.5)
+        left.scatter([float(row["nb201_accuracy"]) for row in scores], oneshot, s=8, alpha=0.5)
         left.set(xlabel="NB201 CIFAR-10 test accuracy (%)", ylabel="one-shot accuracy (%)",
                  title=f"Kendall tau {ranking['kendall_tau']:.3f}")
     else:
-        left.hist(oneshot, bins=min(50, len(rows)))
+        left.hist(oneshot, bins=min(50, len(scores)))
         left.set(xlabel="one-shot accuracy (%)", ylabel="archs")
-    if log:
-        epochs = [int(row["epoch"]) for row in log]
-        right.plot(epochs, [float(row["loss"]) for row in log], "o-")
-        right.set(xlabel="epoch", ylabel="train loss", title="training")
-        levels = [int(row["level"]) for row in log]
-        level = right.twinx()  # each epoch's level as a step from epoch-1 to epoch
-        level.stairs(levels, [0] + epochs, color="gray", linestyle="--")
-        level.set(ylim=(0, max(levels) + 0.5), ylabel="curriculum level (active blocks, dashed)")
-        for axis in (right.xaxis, level.yaxis):
-            axis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    figure.tight_layout()
-    figure.savefig(out / "ranking.png", dpi=120)
+    epochs = [int(row["epoch"]) for row in log]
+    right.plot(epochs, [float(row["loss"]) for row in log], "o-")
+    right.set(xlabel="epoch", ylabel="training loss")
+    if log:  # each epoch's level as a step from epoch-1 to epoch
+        levels = right.twinx()
+        levels.stairs([int(row["level"]) for row in log], [0] + epochs, color="gray", ls="--")
+        levels.set(ylabel="curriculum level (dashed)", ylim=(0, None))
+    figure.savefig(out / "ranking.png", dpi=120, bbox_inches="tight")
     plt.close(figure)
     return True
 
 
 def benchmark(cfg, steps, rounds=5):
-    """ms per training step, vanilla vs CLOSENet at every level, on the same 8 archs and batch,
-    and ms per arch scored. torch.utils.benchmark times `steps` calls (after a warm-up, with CUDA
-    synchronised); the configurations take turns in each round, so the machine's drift hits all
-    alike, and each figure is the median over the rounds, with its interquartile range."""
+    """ms per training step, vanilla vs CLOSENet at each level (the same 8 archs and batch), and
+    per arch scored, by torch.utils.benchmark (warm-up, CUDA synchronised). The configurations
+    take turns in each round, so drift hits all alike; each figure is the median of the rounds."""
     from torch.utils.benchmark import Measurement, Timer
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    archs = random.Random(0).sample([a for a in unique_archs() if routed_edges(a)], 8)
-    heldout = cfg.batch_size * max(1, cfg.eval_batches or 4)
+    chosen = random.Random(0).sample([a for a in unique_archs() if routed_edges(a)], 8)
+    archs, heldout = itertools.cycle(chosen), cfg.batch_size * max(1, cfg.eval_batches or 4)
     data = synthetic_dataset(cfg.batch_size, heldout, seed=cfg.seed).to(device)
     images = normalize(data.train_images).contiguous(memory_format=MEMORY_FORMAT)
-    heldout_images = normalize(data.heldout_images).contiguous(memory_format=MEMORY_FORMAT)
-    nets, closenet = {"vanilla": CLOSENet(cfg.channels, cfg.cells, baseline=True)}, None
+    nets = {"vanilla": CLOSENet(cfg.channels, cfg.cells, baseline=True)}
     closenet = CLOSENet(cfg.channels, cfg.cells, cfg.blocks)
     for level in range(1, cfg.blocks + 1):
         nets[f"close_level{level}"] = copy.deepcopy(closenet)
@@ -1450,59 +1400,51 @@ def benchmark(cfg, steps, rounds=5):
             add_glow_block(closenet)
 
     def training_step(net):
-        optimizer, _ = make_optimizer(net.to(device, memory_format=MEMORY_FORMAT), cfg)
-        turn = itertools.count()
-        return lambda: train_step(net.train(), optimizer, images, data.train_labels,
-                                  archs[next(turn) % len(archs)], cfg.grad_clip)
+        optimizer = make_optimizer(net.to(device, memory_format=MEMORY_FORMAT), cfg)[0]
+        return lambda: train_step(net.train(), optimizer, images, data.train_labels, next(archs),
+                                  cfg.grad_clip)
 
-    calls, turn = {key: training_step(net) for key, net in nets.items()}, itertools.count()
-    calls["score"] = lambda: score_arch(nets[f"close_level{cfg.blocks}"], archs[next(turn) % 8],
-                                        heldout_images, data.heldout_labels, cfg.batch_size)
-    print(f"{device}, batch {cfg.batch_size}, C={cfg.channels}, {cfg.cells} cells/stage: "
-          f"{rounds} rounds of {steps} calls per configuration, in turn")
+    calls = {key: training_step(net) for key, net in nets.items()}
+    scored = heldout_set(data, cfg)
+    calls["score"] = lambda: score_arch(closenet, next(archs), *scored, cfg.batch_size)
     measurements = [Timer("call()", globals={"call": call}, label=key,
                           num_threads=torch.get_num_threads()).timeit(steps)
                     for _ in range(rounds) for key, call in calls.items()]
-    results = {"device": str(device), "torch": torch.__version__,
-               "threads": torch.get_num_threads(), "batch_size": cfg.batch_size,
-               "channels": cfg.channels, "cells": cfg.cells, "steps": steps, "rounds": rounds,
-               "archs": [arch_to_str(a) for a in archs]}
+    results = {"device": str(device), "torch": torch.__version__, "batch_size": cfg.batch_size,
+               "channels": cfg.channels, "cells": cfg.cells, "steps": steps, "rounds": rounds}
     for measurement in Measurement.merge(measurements):
         key, ms, iqr = measurement.label, 1000 * measurement.median, 1000 * measurement.iqr
-        if key == "score":
-            results.update(score_ms_per_arch=ms, score_iqr_ms=iqr,
-                           score_images_per_s=1000 * heldout / ms)
-            print(f"scoring      {ms:8.1f} ms/arch on {heldout} images (IQR {iqr:.1f})")
-            continue
-        ratio = ms / results.setdefault("vanilla_ms_per_step", ms)
-        results.update({f"{key}_ms_per_step": ms, f"{key}_iqr_ms": iqr, f"{key}_ratio": ratio})
-        print(f"{key:13s}{ms:8.1f} ms/step (IQR {iqr:.1f})  {ratio:.2f}x vanilla")
+        unit = "arch" if key == "score" else "step"
+        results.update({f"{key}_ms_per_{unit}": ms, f"{key}_iqr_ms": iqr})
+        ratio = ""
+        if key != "score":
+            results[f"{key}_ratio"] = ms / results["vanilla_ms_per_step"]
+            ratio = f"{results[f'{key}_ratio']:.2f}x"
+        print(f"{key:13s}{ms:9.1f} ms per {unit} (IQR {iqr:.1f})  {ratio}")
     (out := Path(cfg.out or "runs")).mkdir(parents=True, exist_ok=True)
     write_atomic(out / "benchmark.json", json.dumps(results, indent=2))
-    print(f"written to {out / 'benchmark.json'}")
+    print(f"{device}, batch {cfg.batch_size}: written to {out / 'benchmark.json'}")
     return results
 
 
-# -------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
 # 9. Command line
-# -------------------------------------------------------------------------------------------------
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit code 2, like every other bad input
         raise UsageError(message)
 
 
 def parse_args(argv=None):
-    """Config and the other arguments. Options left out stay out of the namespace, so a resumed
-    or loaded run can tell what was typed now from what it should take from the run."""
+    """Config and the other arguments. Options not typed stay out of the namespace, so that a
+    resumed or loaded run can tell them from those it takes from the run."""
     parser = ArgumentParser(
         description="CLOSE on NAS-Bench-201: train a CLOSENet supernet, score archs, search.",
-        epilog=f"Outputs in --out: {', '.join(OUTPUT_FILES)}. NB201 files other than the "
-               f"compact CSV are pickles: loading one runs code from it, so use only files you "
-               f"trust.")
+        epilog=f"Outputs in --out: {', '.join(OUTPUT_FILES)}. NB201 files other than the compact "
+               f"CSV are pickles: loading one runs code from it, so use only files you trust.")
     for option in fields(Config):
         shown = f" (default: {option.default})" if option.default not in ("", False) else ""
         kind = ({"action": "store_true"} if isinstance(option.default, bool) else
-                {"type": type(option.default)})
+                {"type": type(option.default), "choices": option.metadata["choices"]})
         parser.add_argument("--" + option.name.replace("_", "-"), default=argparse.SUPPRESS,
                             help=option.metadata["help"] + shown, **kind)
     parser.add_argument("--resume", action="store_true",
@@ -1514,7 +1456,7 @@ def parse_args(argv=None):
     parser.add_argument("--compare", nargs="+", metavar="RUN",
                         help="print the metrics of finished runs side by side")
     parser.add_argument("--plot", metavar="RUN",
-                        help="draw RUN/ranking.png from a finished run folder (needs matplotlib)")
+                        help="draw RUN/ranking.png from a finished run (needs matplotlib)")
     parser.add_argument("--benchmark", action="store_true",
                         help="time training steps (vanilla vs every level) and scoring")
     parser.add_argument("--benchmark-steps", type=int, default=4,
@@ -1525,6 +1467,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    if RANK > 0:  # under torchrun rank 0 alone prints
+        sys.stdout = open(os.devnull, "w")
     try:
         cfg, args, given = parse_args(argv)
         if args.compare:
@@ -1538,16 +1482,18 @@ def main(argv=None):
         else:
             run(cfg, args.resume, args.load, args.arch, given)
     except UsageError as error:
-        print(f"close.py: error: {error}", file=sys.stderr)
+        print(f"close.py: error: {error}", file=sys.stderr if RANK == 0 else sys.stdout)
         return 2
     except (Interrupted, KeyboardInterrupt) as error:
-        print(f"close.py: {error or 'interrupted'}", file=sys.stderr)
+        print(f"close.py: {error or 'interrupted'}", file=sys.stderr if RANK == 0 else sys.stdout)
         return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    # a killed job stops like Ctrl-C: after the current step, with a checkpoint
-    STOP_SIGNALS.append(signal.SIGTERM)
+    STOP_SIGNALS.append(signal.SIGTERM)  # a killed job stops like Ctrl-C, with a checkpoint
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # which raises KeyboardInterrupt
     sys.exit(main())
