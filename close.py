@@ -1004,14 +1004,12 @@ def settle_options(cfg, given, resume, load):
         setattr(settled, name, getattr(cfg, name))
     if load:
         settled.out = cfg.out or str(Path(load).parent / "rescored")
-        if settled.data != saved["data"]:
-            print(f"note: scoring on {settled.data}; the supernet was trained on {saved['data']}")
     return settled, checkpoint
 
 
 def claim_out(cfg, resume):
-    """The output folder, checked before any slow work: never one holding another run (unless
-    resumed) or files the run would overwrite."""
+    """The output folder, checked before any work: never one with another run (unless resumed),
+    nor with files the run would overwrite."""
     out = Path(cfg.out or default_out(cfg))
     taken = [name for name in OUTPUT_FILES if (out / name).exists()]
     if "config.json" in taken and not resume:
@@ -1142,9 +1140,8 @@ def fit(model, data, cfg, out):
 
 
 def start_ranks(cfg):
-    """Under torchrun: gloo (CPU messages, so ranks may share a GPU), with a timeout longer than
-    the training the others wait for; rank r on cuda:(LOCAL_RANK mod GPUs), or on its share of the
-    CPU's cores."""
+    """Under torchrun: gloo (CPU messages: ranks may share a GPU), its timeout longer than any
+    training the others wait for; rank r on cuda:(LOCAL_RANK mod GPUs), or its share of cores."""
     dist.init_process_group("gloo", timeout=datetime.timedelta(days=30))
     local, ranks_here = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
     if cfg.device in ("auto", "cuda") and torch.cuda.is_available():
@@ -1159,8 +1156,7 @@ def from_rank0(value):
 
 
 def fit_on_rank0(model, data, cfg, out):
-    """fit() on rank 0, whose weights the others then take; they wait out a stop until rank 0
-    has checkpointed."""
+    """fit() on rank 0, whose weights the others take; they wait out a stop until it has saved."""
     weights = log = None
     with StopRequest():
         try:
@@ -1177,9 +1173,9 @@ def fit_on_rank0(model, data, cfg, out):
 
 
 def score_archs(model, images, labels, cfg, archs, path):
-    """One-shot scores of `archs`, appended to `path` in order as they come; a stopped run's rows
-    are reused (but a last one that a kill cut short). Under torchrun rank r scores archs r,
-    r + WORLD, ...; rank 0 gathers and writes them. A stop ends all ranks after the same arch."""
+    """One-shot scores of `archs`, appended to `path` in order; a stopped run's rows are reused.
+    Under torchrun rank r scores archs r, r + WORLD, ...; rank 0 gathers and writes them, and a
+    stop ends all ranks after the same arch."""
     scores = {}
     if RANK == 0:
         lines = path.read_text().splitlines(keepends=True) if path.exists() else []
@@ -1192,7 +1188,7 @@ def score_archs(model, images, labels, cfg, archs, path):
     todo = [arch for arch in archs if arch not in scores]
     todo = from_rank0(todo) if WORLD > 1 else todo
     label = f"scoring {len(todo):,} archs on {len(labels):,} images"
-    with open(path, "a" if RANK == 0 else os.devnull, newline="") as file, StopRequest() as stop:
+    with open(path if RANK == 0 else os.devnull, "a", newline="") as file, StopRequest() as stop:
         for start in with_progress(range(0, len(todo), WORLD), label):
             rows = [(arch, score_arch(model, arch, images, labels, cfg.batch_size, cfg.eval_gate,
                                       cfg.eval_seed)) for arch in todo[start + RANK:][:1]]
@@ -1212,8 +1208,7 @@ def score_archs(model, images, labels, cfg, archs, path):
 
 
 def run(cfg, resume=False, load="", arch_strings=(), given=()):
-    """setup -> train -> score -> rank -> search -> report, all written into the output folder.
-    Every option and input is checked before anything slow starts or anything is written."""
+    """Setup, train, score, rank, search, report; every input checked before any work starts."""
     cfg, checkpoint = settle_options(cfg, set(given), resume, load)
     check_config(cfg)
     try:
@@ -1295,10 +1290,7 @@ def print_summary(out, results):
     if results["gate"]["spread"] is not None:
         usage = results["scoring_edges_per_block"]
         print(f"{describe_gate(results['gate'])}\nscored archs' routed edges per block: {usage}")
-    kinds = ("close", "vanilla") if "close" in out.name else ("vanilla", "close")
-    sibling = out.parent / out.name.replace(*kinds)  # close-... beside vanilla-..., if finished
-    done = sibling != out and (sibling / "metrics.json").exists()
-    print_metrics_table([results] + ([finished_run(sibling)] if done else []))
+    print_metrics_table([results])
     rows = [("", row) for row in results["top5"]]
     if results["search"]:
         rows.append((f"search ({results['search']['budget']} evaluations) ",
@@ -1339,8 +1331,8 @@ def print_metrics_table(runs):
     for name, cells in rows.items():
         print(f"{name:14s}" + "".join(f"{text:>{width}s}" for text in cells))
     if ranked:
-        print(f"(P@top/bottom K: share of the predicted top/bottom K% of the {ranked['n']:,} "
-              f"archs that truly are; BR/WR@5%: the best/worst true rank of the predicted top 5%)")
+        print(f"(P@top/bottom K: share of the predicted top/bottom K% of the {ranked['n']:,} that "
+              f"truly are; BR/WR@5%: the best/worst true rank in the predicted top 5%)")
 
 
 def plotting_available():
