@@ -1,7 +1,6 @@
 """CLOSE: Curriculum Learning On the Sharing Extent (Zhou et al., ECCV 2022) on NAS-Bench-201.
 
-Read top to bottom. Sections 1-7 are the method in the paper's order (search space, data,
-CLOSENet, curriculum, training, evaluation, search); 8-9 are the program around it.
+Sections 1-7 are the method in the paper's order; 8-9 are the program around it.
 
     python close.py --epochs 250 --device cuda              # train, score all 6,466 archs, search
     python close.py --baseline --epochs 250 --device cuda   # the vanilla one-shot supernet
@@ -10,6 +9,7 @@ CLOSENet, curriculum, training, evaluation, search); 8-9 are the program around 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import datetime
@@ -45,38 +45,36 @@ def option(default, description, choices=None):
 @dataclass
 class Config:
     # supernet
-    blocks: int = option(5, "K, GLOW blocks per cell (vanilla: one per edge)")
-    baseline: bool = option(False, "train the vanilla one-shot supernet instead of CLOSENet")
+    blocks: int = option(5, "K, GLOW blocks per cell")
+    baseline: bool = option(False, "the vanilla one-shot supernet instead of CLOSENet")
     channels: int = option(16, "channels of the first stage (NB201: 16)")
     cells: int = option(5, "searchable cells per stage (NB201: 5)")
     # training: the official recipe, its 1,000 epochs scaled to --epochs
-    epochs: int = option(250, "training epochs; blocks are added at evenly spaced epochs")
+    epochs: int = option(250, "training epochs")
     batch_size: int = option(256, "training and scoring batch size")
     lr: float = option(0.05, "SGD learning rate")
     momentum: float = option(0.9, "SGD momentum")
     weight_decay: float = option(5e-4, "SGD weight decay, on every parameter")
     grad_clip: float = option(5.0, "gradient-norm clip")
-    seed: int = option(0, "seed of training (init, sampling, augmentation, Gumbel noise)")
+    seed: int = option(0, "seed of training")
     # data
-    data: str = option("cifar10", "cifar10 (torchvision download), synthetic, or PATH of an "
-                       "image-folder tree PATH/train/<class>/*")
+    data: str = option("cifar10", "cifar10 (torchvision download), synthetic, or a folder "
+                       "DATA/train/<class>/<image>")
     data_root: str = option("data", "where torchvision keeps CIFAR-10")
-    train_subset: int = option(0, "train on a seeded subset of N training images (0: all)")
+    train_subset: int = option(0, "train on a seeded subset of N images (0: all)")
     device: str = option("auto", "cpu, cuda, cuda:N, or auto")
     # scoring and search
-    eval_gate: str = option("sample", "blocks at scoring: a Gumbel draw per arch, seeded by "
-                            "--eval-seed and the arch (official), or the GATE's argmax",
-                            ("sample", "argmax"))
+    eval_gate: str = option("sample", "blocks at scoring: one Gumbel draw per arch (official), "
+                            "or the GATE's argmax", ("sample", "argmax"))
     eval_archs: int = option(0, "score a seeded subset of N unique archs (0: all 6,466)")
     eval_batches: int = option(0, "score on the first N held-out batches (0: all)")
-    eval_seed: int = option(0, "seed of the --eval-archs subset and of the scoring gate")
+    eval_seed: int = option(0, "seed of the --eval-archs subset and of the scoring draws")
     search_budget: int = option(1000, "fitness evaluations of the search (0: no search)")
     population: int = option(50, "population of the evolutionary search")
-    tournament: int = option(10, "tournament sample of the evolutionary search")
-    nb201: str = option("", "NB201 ground truth for the ranking metrics (compact CSV, or an "
-                        "official .pth or NATS-Bench archive)")
-    out: str = option("", "output folder (default: runs/<close|vanilla>-<data>-C<channels>x"
-                      "<cells>-<epochs>ep-seed<seed>)")
+    tournament: int = option(10, "tournament size of the evolutionary search")
+    nb201: str = option("", "NB201 ground truth for the ranking metrics (see nb201_api_slim.py)")
+    out: str = option("", "output folder (default: runs/<kind>-<data>-C<channels>x<cells>-"
+                      "<epochs>ep-seed<seed>)")
 
 
 class UsageError(Exception):
@@ -103,7 +101,7 @@ def arch_to_str(arch):
 
 
 def str_to_arch(text):
-    """The inverse of arch_to_str; anything else is a ValueError naming the first bad token."""
+    """The inverse of arch_to_str; anything else is a ValueError naming its first bad token."""
     tokens = text.replace("|+|", "|").strip("|").split("|") if isinstance(text, str) else []
     ops = [token.partition("~")[0] for token in tokens]
     problem = None
@@ -121,8 +119,8 @@ def str_to_arch(text):
 
 
 def as_arch(arch):
-    """An arch as the tuple of its 6 op indices, from that tuple (list, array, tensor) or its
-    string. Anything else is a ValueError, never a silently different network."""
+    """The tuple of an arch's 6 op indices, from any sequence of them or its string. Anything else
+    is a ValueError, never a silently different network."""
     if isinstance(arch, str):
         return str_to_arch(arch)
     try:
@@ -229,15 +227,14 @@ def synthetic_dataset(train=1024, heldout=256, num_classes=10, seed=0):
 
 
 def split(images, labels, order, num_classes):
-    """The first 80% of `order` train the supernet, the rest are held out to score archs."""
+    """The first 80% of `order` train the supernet, the rest score archs."""
     cut = round(len(order) * (1 - HELDOUT_FRACTION))
     train, heldout = order[:cut], order[cut:]
     return Dataset(images[train], labels[train], images[heldout], labels[heldout], num_classes)
 
 
 def cifar10_dataset(root):
-    """torchvision's CIFAR-10 train set, split by position as the official code does (its order
-    is random)."""
+    """torchvision's CIFAR-10 train set, split by position as officially (its order is random)."""
     import torchvision
     created = not Path(root).exists()
     try:
@@ -246,9 +243,8 @@ def cifar10_dataset(root):
         if created:
             shutil.rmtree(root, ignore_errors=True)
         raise UsageError(f"CIFAR-10 could not be downloaded into {root} "
-                         f"({str(error).splitlines()[0][:80]}): use --data PATH (an image-folder "
-                         f"tree), --data synthetic, or --data-root DIR holding "
-                         f"cifar-10-batches-py") from None
+                         f"({str(error).splitlines()[0]}): use --data FOLDER, --data synthetic, "
+                         f"or --data-root DIR") from None
     images = torch.from_numpy(train_set.data).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor(train_set.targets)
     return split(images, labels, torch.arange(len(labels)), 10)
@@ -298,8 +294,8 @@ def normalize(images):
 
 
 def augment(images):
-    """Random crop 32 with zero padding 4 and a random horizontal flip, drawn per image (torchvision
-    draws one per batch): one gather, each output pixel reading its shifted source."""
+    """Random crop 32 with zero padding 4 and a random horizontal flip, drawn per image (not per
+    batch, as torchvision would): one gather from shifted sources."""
     batch, device = images.shape[0], images.device
     padded = F.pad(images, (4, 4, 4, 4))
     offset_y, offset_x = torch.randint(0, 9, (2, batch, 1), device=device)
@@ -648,47 +644,40 @@ def train_step(model, optimizer, images, labels, arch, grad_clip):
     return loss.detach(), logits.detach()
 
 
-def train_epoch(model, optimizer, data, cfg, progress, stop=None):
-    """One pass, one uniformly drawn unique arch per step (de-isomorphic sampling), resumable from
-    `progress`; a stop request ends it after a step. Nothing is read back to the host."""
+def train_epoch(model, optimizer, data, cfg):
+    """One pass over the training split, one uniformly drawn unique arch per step (de-isomorphic
+    sampling). Nothing is read back to the host inside the pass: the losses (x batch size) and
+    the count of correct predictions stay on the device."""
     model.train()
-    archs, started = unique_archs(), time.time()
-    for step in with_progress(range(progress.step, len(progress.losses)), "steps"):
-        if stop is not None and stop.requested:
-            break
-        arch = archs[torch.randint(len(archs), ()).item()]  # CPU generator: no device sync
-        batch = progress.order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+    archs, device, count = unique_archs(), data.train_labels.device, len(data.train_labels)
+    order, steps = torch.randperm(count, device=device), math.ceil(count / cfg.batch_size)
+    losses, correct, drawn = torch.zeros(steps, device=device), torch.zeros((), device=device), []
+    for step in with_progress(range(steps), "steps"):
+        drawn.append(archs[torch.randint(len(archs), ()).item()])  # CPU generator: no device sync
+        batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
         images = normalize(augment(data.train_images[batch]))
         images = images.contiguous(memory_format=MEMORY_FORMAT)
         labels = data.train_labels[batch]
-        loss, logits = train_step(model, optimizer, images, labels, arch, cfg.grad_clip)
-        progress.losses[step] = loss * len(batch)
-        progress.correct += (logits.argmax(1) == labels).sum()
-        progress.archs.append(arch)
-        progress.step = step + 1
-    progress.seconds += time.time() - started
+        loss, logits = train_step(model, optimizer, images, labels, drawn[-1], cfg.grad_clip)
+        losses[step] = loss * len(batch)
+        correct += (logits.argmax(1) == labels).sum()
+    return {"losses": losses, "correct": correct, "archs": drawn, "images": count}
 
 
-def train(model, data, cfg, state, stop=None, epoch_done=lambda finished: None):
+def train(model, data, cfg, state, epoch_done=lambda finished: None):
     """CLOSE's schedule: each epoch, grow the pool to the curriculum level (WIT), restart the
-    optimizer at 40%, make one pass, step the plateau scheduler on the mean loss. `state` (section
-    8) holds optimizer, scheduler and position. False: a stop ended a pass early."""
+    optimizer at 40%, make one pass, step the plateau scheduler on the epoch's mean loss. `state`
+    (section 8) holds the optimizer, the scheduler and the epochs done."""
     for epoch in range(state.epoch, cfg.epochs):
-        if state.epoch_progress is None:  # a new pass (a stopped one had grown and restarted)
-            while model.level < curriculum_level(epoch, cfg.epochs, model.num_blocks):
-                add_glow_block(model)
-            if epoch == restart_epoch(cfg) > 0:
-                state.optimizer, state.scheduler = make_optimizer(model, cfg)
-            lr = state.optimizer.param_groups[0]["lr"]
-            state.epoch_progress = EpochProgress.begin(data, cfg, lr)
-        train_epoch(model, state.optimizer, data, cfg, state.epoch_progress, stop)
-        finished = state.epoch_progress
-        if finished.step < len(finished.losses):
-            return False
-        state.scheduler.step(sum(finished.losses.tolist()) / len(finished.order))
-        state.epoch, state.epoch_progress = epoch + 1, None
-        epoch_done(finished)
-    return True
+        while model.level < curriculum_level(epoch, cfg.epochs, model.num_blocks):
+            add_glow_block(model)
+        if epoch == restart_epoch(cfg) > 0:
+            state.optimizer, state.scheduler = make_optimizer(model, cfg)
+        started, lr = time.time(), state.optimizer.param_groups[0]["lr"]
+        finished = train_epoch(model, state.optimizer, data, cfg)
+        state.scheduler.step(sum(finished["losses"].tolist()) / finished["images"])
+        state.epoch = epoch + 1
+        epoch_done(finished | {"lr": lr, "seconds": time.time() - started})
 
 
 # ----------------------------------------------------------------------------
@@ -711,8 +700,8 @@ def archs_to_score(cfg, chosen=()):
 
 @torch.no_grad()
 def score_arch(model, arch, images, labels, batch_size, eval_gate="sample", seed=0):
-    """One-shot evaluation: accuracy (%) and loss of arch on held-out images with the supernet's
-    weights, means over batches; dropout off, BN on batch statistics (eval() here does both)."""
+    """One-shot evaluation: accuracy (%) and loss of arch with the supernet's weights, means over
+    batches; dropout off, BN on batch statistics (eval() here does both)."""
     model.eval()
     arch = as_arch(arch)
     assignment = model.sharing_assignment(arch, eval_gate, seed)
@@ -882,7 +871,7 @@ def search_with_supernet(model, images, labels, cfg, scores):
 
 # ----------------------------------------------------------------------------
 # 8. Runs: checked options, exact resume, torchrun, outputs, summary, benchmark
-# Options that define the trained supernet (a resumed run keeps them), and the model's own.
+# The options that define a trained supernet, and those of its weights.
 RUN_OPTIONS = ("blocks", "baseline", "channels", "cells", "epochs", "batch_size", "lr", "momentum",
                "weight_decay", "grad_clip", "seed", "data", "train_subset")
 MODEL_OPTIONS = ("blocks", "baseline", "channels", "cells")
@@ -894,17 +883,17 @@ SCORE_FIELDS = ("arch", "oneshot_accuracy", "oneshot_loss", "nb201_accuracy")
 SUMMARY_METRICS = ("kendall_tau", "spearman", "pearson", "P@top1%", "P@top5%", "P@top10%",
                    "P@bottom5%", "BR@5%", "WR@5%")
 STOP_SIGNALS = [signal.SIGINT]  # the command line adds SIGTERM; a library caller keeps its own
-# Under torchrun (RANK set) rank 0 trains while the others wait; each rank then scores a share of
-# the archs, and rank 0 gathers them, searches, and alone prints and writes.
+# Under torchrun rank 0 trains while the others wait; all score a share of the archs; rank 0
+# gathers the scores, searches, and alone prints and writes.
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 class Interrupted(Exception):
-    """A run stopped on request (Ctrl-C, SIGTERM); the message says what was kept."""
+    """A run stopped on request (Ctrl-C, SIGTERM)."""
 
 
 class StopRequest:
-    """Ctrl-C (SIGTERM from the command line): stop after this step. Twice: abort at once."""
+    """Ctrl-C (or SIGTERM) noted, to stop where all ranks agree. Twice: abort at once."""
 
     def __enter__(self):
         self.requested, self.previous = False, {}
@@ -916,7 +905,7 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nstopping after this step (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+        print("\nstopping after this arch (Ctrl-C again to abort)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
@@ -924,8 +913,7 @@ class StopRequest:
 
 
 def with_progress(items, label):
-    """Yield from `items` with a status line (done, rate, time left): redrawn in place on a
-    terminal, a line a minute in a log file."""
+    """Yield from `items` with a status line: redrawn on a terminal, a line a minute in a file."""
     total, tty = len(items), sys.stdout.isatty()
     started = shown = time.time()
     for done, item in enumerate(items, 1):
@@ -950,17 +938,16 @@ def resolve_device(name):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"--device {name}: unknown device") from None
-    count = torch.cuda.device_count()
-    if device.type == "cuda" and not count:
-        raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu")
-    if device.type not in ("cpu", "cuda") or (device.index or 0) >= max(count, 1):
-        raise UsageError(f"--device {name}: use cpu, cuda or cuda:N (N < {count})")
+        device = torch.device("meta")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: unknown device (cpu, cuda, cuda:N or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: CUDA is not available here")
     return device
 
 
 def check_config(cfg):
-    """Every option, before anything is read or written (argparse checks the choices)."""
+    """Every option, before anything is read or written."""
     rules = [("epochs batch_size blocks channels cells population tournament lr grad_clip",
               lambda v: v > 0, "be positive"),
              ("eval_archs eval_batches search_budget train_subset weight_decay",
@@ -982,8 +969,8 @@ def default_out(cfg):
 
 
 def settle_options(cfg, given, resume, load):
-    """A resumed or loaded run takes the run's options but those typed now (`given`), which must
-    not change the trained supernet. Returns them and, for --load, the checkpoint."""
+    """A resumed or loaded run takes the run's options, but for those typed now (`given`), which
+    may not change the trained supernet. Returns them and, for --load, the checkpoint."""
     checkpoint, fixed = None, RUN_OPTIONS + ("eval_batches", "eval_gate")
     if load:
         checkpoint, fixed = load_checkpoint(load), MODEL_OPTIONS
@@ -1008,8 +995,7 @@ def settle_options(cfg, given, resume, load):
 
 
 def claim_out(cfg, resume):
-    """The output folder, checked before any work: never one with another run (unless resumed),
-    nor with files the run would overwrite."""
+    """The output folder, never one with another run (unless resumed) or files it overwrites."""
     out = Path(cfg.out or default_out(cfg))
     taken = [name for name in OUTPUT_FILES if (out / name).exists()]
     if "config.json" in taken and not resume:
@@ -1036,44 +1022,21 @@ def csv_text(header, rows):
 
 
 @dataclass
-class EpochProgress:
-    """One pass over the training split, which can stop after any step and continue exactly."""
-    order: torch.Tensor    # the image order of this pass
-    losses: torch.Tensor   # per step: loss x batch size, on the device (read at the end)
-    correct: torch.Tensor  # training images classified correctly so far
-    lr: float              # the learning rate the pass started with
-    archs: list = field(default_factory=list)  # each step's arch, to name one that breaks
-    step: int = 0          # steps done
-    seconds: float = 0.0   # time spent in this pass, across a stop and resume
-
-    @classmethod
-    def begin(cls, data, cfg, lr):
-        images, device = len(data.train_labels), data.train_labels.device
-        steps = math.ceil(images / cfg.batch_size)
-        return cls(torch.randperm(images, device=device), torch.zeros(steps, device=device),
-                   torch.zeros((), device=device), lr)
-
-
-@dataclass
 class TrainingState:
-    """What the schedule changes as it goes; with the model's weights and level, all an exact
-    resume needs (training draws from torch's generators only)."""
+    """What the schedule changes; with the model and torch's generators, all an exact resume needs."""
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
-    epoch: int = 0                               # epochs finished
-    epoch_progress: EpochProgress | None = None  # the pass a stop interrupted
+    epoch: int = 0  # epochs finished
 
     def state_dict(self):
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "epoch": self.epoch, "rng": {"cpu": torch.get_rng_state(), "cuda": cuda},
-                "epoch_progress": vars(self.epoch_progress) if self.epoch_progress else None}
+                "epoch": self.epoch, "rng": {"cpu": torch.get_rng_state(), "cuda": cuda}}
 
     def load_state_dict(self, state):
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.epoch, progress = state["epoch"], state["epoch_progress"]
-        self.epoch_progress = EpochProgress(**progress) if progress else None
+        self.epoch = state["epoch"]
         torch.set_rng_state(state["rng"]["cpu"])
         if state["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -1088,29 +1051,13 @@ def save_checkpoint(path, cfg, model, state, log):
 def load_checkpoint(path, device="cpu"):
     try:
         return torch.load(path, map_location=device, weights_only=True)
-    except Exception as error:  # of many kinds; torch's advice to drop weights_only is unsafe
+    except Exception as error:  # not torch's message: its advice to drop weights_only is unsafe
         raise UsageError(f"{path}: not a close.py checkpoint ({type(error).__name__})") from None
 
 
-def epoch_row(model, state, finished, log, out):
-    """The log row of a finished pass; a non-finite loss stops the run, naming its step and arch."""
-    losses, images = finished.losses.tolist(), len(finished.order)
-    bad = next((i for i, value in enumerate(losses) if not math.isfinite(value)), None)
-    if bad is not None:
-        kept = f"{out / 'checkpoint.pt'} keeps epoch {state.epoch - 1}" if log else "none saved"
-        raise UsageError(f"the training loss became non-finite in epoch {state.epoch}, step "
-                         f"{bad + 1} (arch {arch_to_str(finished.archs[bad])}); {kept}")
-    health = gate_health(model, probe_archs())
-    return {"epoch": state.epoch, "level": model.level, "lr": finished.lr,
-            "loss": sum(losses) / images, "accuracy": finished.correct.item() / images,
-            "seconds": round(finished.seconds, 3),
-            "images_per_s": round(images / finished.seconds, 1),
-            **{f"gate_{key}": value for key, value in health.items()}}
-
-
 def fit(model, data, cfg, out):
-    """train() with a checkpoint at every epoch's end (and where a stop lands), log.csv and an
-    epoch line; resumes from out/checkpoint.pt when there is one."""
+    """train() with a checkpoint, a log.csv row and a line at every epoch's end; resumes after
+    the last one (a stop loses the epoch under way, which --resume repeats exactly)."""
     state, log = TrainingState(*make_optimizer(model, cfg)), []
     if (out / "checkpoint.pt").exists():
         saved = load_checkpoint(out / "checkpoint.pt", data.train_images.device)
@@ -1120,28 +1067,35 @@ def fit(model, data, cfg, out):
         print(f"resumed {out} after epoch {state.epoch} (level {model.level})")
 
     def epoch_done(finished):
-        log.append(row := epoch_row(model, state, finished, log, out))
+        losses, images, seconds = (finished[key] for key in ("losses", "images", "seconds"))
+        losses = losses.tolist()
+        bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
+        if bad is not None:
+            raise UsageError(f"the training loss became non-finite in epoch {state.epoch}, step "
+                             f"{bad + 1} (arch {arch_to_str(finished['archs'][bad])}); the "
+                             f"checkpoint keeps the last good epoch")
+        health = gate_health(model, probe_archs())
+        log.append({"epoch": state.epoch, "level": model.level, "lr": finished["lr"],
+                    "loss": sum(losses) / images, "accuracy": finished["correct"].item() / images,
+                    "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 1),
+                    **{f"gate_{key}": value for key, value in health.items()}})
         save_checkpoint(out / "checkpoint.pt", cfg, model, state, log)
-        write_atomic(out / "log.csv", csv_text(LOG_FIELDS, [list(row.values()) for row in log]))
+        rows = [[row[key] for key in LOG_FIELDS] for row in log]
+        write_atomic(out / "log.csv", csv_text(LOG_FIELDS, rows))
         level = "" if model.baseline else f"level {model.level}  "
-        left = minutes(row["seconds"] * (cfg.epochs - row["epoch"]))  # later levels are slower
-        health = {key: row["gate_" + key] for key in ("spread", "off_dominant", "entropy")}
-        print(f"epoch {row['epoch']:4d}/{cfg.epochs}  loss {row['loss']:.4f}  acc "
-              f"{100 * row['accuracy']:5.1f}%  lr {row['lr']:.4g}  {level}"
-              f"{row['images_per_s']:,.0f} img/s  training left >= {left}  "
-              f"{describe_gate(health)}", flush=True)
+        left = minutes(seconds * (cfg.epochs - state.epoch))  # later levels are slower: at least
+        print(f"epoch {state.epoch:4d}/{cfg.epochs}  loss {log[-1]['loss']:.4f}  acc "
+              f"{100 * log[-1]['accuracy']:5.1f}%  lr {finished['lr']:.4g}  {level}"
+              f"{images / seconds:,.0f} img/s  training left >= {left}  {describe_gate(health)}",
+              flush=True)
 
-    with StopRequest() as stop:
-        if not train(model, data, cfg, state, stop, epoch_done):
-            save_checkpoint(out / "checkpoint.pt", cfg, model, state, log)
-            raise Interrupted(f"stopped in epoch {state.epoch + 1} after step "
-                              f"{state.epoch_progress.step}: --resume continues")
+    train(model, data, cfg, state, epoch_done)
     return log
 
 
 def start_ranks(cfg):
-    """Under torchrun: gloo (CPU messages: ranks may share a GPU), its timeout longer than any
-    training the others wait for; rank r on cuda:(LOCAL_RANK mod GPUs), or its share of cores."""
+    """gloo (CPU messages: ranks may share a GPU), timing out after any training the others wait
+    for; rank r on cuda:(LOCAL_RANK mod GPUs), or on its share of the cores."""
     dist.init_process_group("gloo", timeout=datetime.timedelta(days=30))
     local, ranks_here = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
     if cfg.device in ("auto", "cuda") and torch.cuda.is_available():
@@ -1156,9 +1110,9 @@ def from_rank0(value):
 
 
 def fit_on_rank0(model, data, cfg, out):
-    """fit() on rank 0, whose weights the others take; they wait out a stop until it has saved."""
+    """fit() on rank 0, whose weights the other ranks then take (or its stop)."""
     weights = log = None
-    with StopRequest():
+    with StopRequest() if RANK else contextlib.nullcontext():  # rank 0 alone answers a stop
         try:
             if RANK == 0:
                 log = fit(model, data, cfg, out)
@@ -1173,9 +1127,8 @@ def fit_on_rank0(model, data, cfg, out):
 
 
 def score_archs(model, images, labels, cfg, archs, path):
-    """One-shot scores of `archs`, appended to `path` in order; a stopped run's rows are reused.
-    Under torchrun rank r scores archs r, r + WORLD, ...; rank 0 gathers and writes them, and a
-    stop ends all ranks after the same arch."""
+    """One-shot scores, appended to `path` in order; a stopped run's rows are reused. Rank r scores
+    archs r, r + WORLD, ...; rank 0 writes them; a stop ends all ranks after the same arch."""
     scores = {}
     if RANK == 0:
         lines = path.read_text().splitlines(keepends=True) if path.exists() else []
@@ -1219,7 +1172,7 @@ def run(cfg, resume=False, load="", arch_strings=(), given=()):
         start_ranks(cfg)
     device, out = resolve_device(cfg.device), claim_out(cfg, resume or RANK > 0)
     truth = load_ground_truth(cfg.nb201) if cfg.nb201 else None  # never seen by the search
-    if not plotting_available():
+    if not importlib.util.find_spec("matplotlib"):
         print(f"no matplotlib: no ranking.png (pip install matplotlib; close.py --plot {out})")
     times, started = {}, time.time()
     try:
@@ -1272,7 +1225,8 @@ def score_rank_search(model, data, cfg, out, chosen_archs, truth, times):
                "device": str(images.device)}
     write_atomic(out / "metrics.json", json.dumps(results, indent=2))
     print_summary(out, results)
-    plot_run(out)
+    if importlib.util.find_spec("matplotlib"):
+        plot_run(out)
     return results
 
 
@@ -1286,7 +1240,7 @@ def result_row(arch, scores, truth):
 
 def print_summary(out, results):
     times = ", ".join(f"{key[:-2]} {minutes(value)}" for key, value in results["times"].items())
-    print(f"\n== {results['run']} ({out}) ==\nwall time: {times}")
+    print(f"\n== {results['run']} ({out}) ==\n{times}")
     if results["gate"]["spread"] is not None:
         usage = results["scoring_edges_per_block"]
         print(f"{describe_gate(results['gate'])}\nscored archs' routed edges per block: {usage}")
@@ -1306,7 +1260,7 @@ def print_summary(out, results):
 def finished_run(folder):
     path = Path(folder) / "metrics.json"
     if not path.exists():
-        raise UsageError(f"--compare: {path} does not exist (is {folder} a finished run?)")
+        raise UsageError(f"{path} does not exist: is {folder} a finished run?")
     return {**json.loads(path.read_text()), "run": Path(folder).name}
 
 
@@ -1335,42 +1289,28 @@ def print_metrics_table(runs):
               f"truly are; BR/WR@5%: the best/worst true rank in the predicted top 5%)")
 
 
-def plotting_available():
-    return importlib.util.find_spec("matplotlib") is not None
-
-
 def plot_run(out):
-    """ranking.png from a finished run: one-shot vs NB201 accuracy (or a histogram of one-shot
-    accuracy), and the training loss with the curriculum level."""
-    if not (out / "metrics.json").exists():
-        raise UsageError(f"--plot {out}: not a finished run (no metrics.json)")
-    if not plotting_available():
-        return False
-    import matplotlib.pyplot as plt
+    """ranking.png: one-shot vs NB201 accuracy, and the training loss with the curriculum level."""
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
     plt.switch_backend("Agg")
     scores = list(csv.DictReader(open(out / "scores.csv")))
     log = list(csv.DictReader(open(out / "log.csv"))) if (out / "log.csv").exists() else []
-    ranking = json.loads((out / "metrics.json").read_text())["ranking"]
+
+    def column(rows, key):
+        return [float(row[key] or "nan") for row in rows]
+
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    figure.suptitle(f"{out.name}: {len(scores)} archs scored")
-    oneshot = [float(row["oneshot_accuracy"]) for row in scores]
-    if ranking:
-        left.scatter([float(row["nb201_accuracy"]) for row in scores], oneshot, s=8, alpha=0.5)
-        left.set(xlabel="NB201 CIFAR-10 test accuracy (%)", ylabel="one-shot accuracy (%)",
-                 title=f"Kendall tau {ranking['kendall_tau']:.3f}")
-    else:
-        left.hist(oneshot, bins=min(50, len(scores)))
-        left.set(xlabel="one-shot accuracy (%)", ylabel="archs")
-    epochs = [int(row["epoch"]) for row in log]
-    right.plot(epochs, [float(row["loss"]) for row in log], "o-")
-    right.set(xlabel="epoch", ylabel="training loss")
-    if log:  # each epoch's level as a step from epoch-1 to epoch
-        levels = right.twinx()
-        levels.stairs([int(row["level"]) for row in log], [0] + epochs, color="gray", ls="--")
-        levels.set(ylabel="curriculum level (dashed)", ylim=(0, None))
+    left.scatter(column(scores, "nb201_accuracy"), column(scores, "oneshot_accuracy"), s=8)
+    left.set(xlabel="NB201 accuracy (%)", ylabel="one-shot accuracy (%)", title=out.name)
+    epochs = column(log, "epoch")
+    right.plot(epochs, column(log, "loss"), "o-")
+    right.set(xlabel="epoch", ylabel="training loss (curriculum level: dashed)")
+    right.twinx().stairs(column(log, "level"), [0] + epochs, color="gray", linestyle="--")
     figure.savefig(out / "ranking.png", dpi=120, bbox_inches="tight")
     plt.close(figure)
-    return True
 
 
 def benchmark(cfg, steps, rounds=5):
@@ -1380,44 +1320,36 @@ def benchmark(cfg, steps, rounds=5):
     from torch.utils.benchmark import Measurement, Timer
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    chosen = random.Random(0).sample([a for a in unique_archs() if routed_edges(a)], 8)
-    archs, heldout = itertools.cycle(chosen), cfg.batch_size * max(1, cfg.eval_batches or 4)
-    data = synthetic_dataset(cfg.batch_size, heldout, seed=cfg.seed).to(device)
+    archs = itertools.cycle(random.Random(0).sample([a for a in unique_archs() if routed_edges(a)], 8))
+    data = synthetic_dataset(cfg.batch_size, 4 * cfg.batch_size, seed=cfg.seed).to(device)
     images = normalize(data.train_images).contiguous(memory_format=MEMORY_FORMAT)
-    nets = {"vanilla": CLOSENet(cfg.channels, cfg.cells, baseline=True)}
-    closenet = CLOSENet(cfg.channels, cfg.cells, cfg.blocks)
-    for level in range(1, cfg.blocks + 1):
-        nets[f"close_level{level}"] = copy.deepcopy(closenet)
-        if level < cfg.blocks:
+    calls, closenet = {}, CLOSENet(cfg.channels, cfg.cells, cfg.blocks)
+    for key in ["vanilla"] + [f"close_level{level}" for level in range(1, cfg.blocks + 1)]:
+        net = CLOSENet(cfg.channels, cfg.cells, baseline=True) if key == "vanilla" else closenet
+        net = copy.deepcopy(net).to(device, memory_format=MEMORY_FORMAT)
+        optimizer = make_optimizer(net, cfg)[0]
+        calls[key] = lambda net=net, optimizer=optimizer: train_step(
+            net.train(), optimizer, images, data.train_labels, next(archs), cfg.grad_clip)
+        if key != "vanilla" and closenet.level < cfg.blocks:
             add_glow_block(closenet)
-
-    def training_step(net):
-        optimizer = make_optimizer(net.to(device, memory_format=MEMORY_FORMAT), cfg)[0]
-        return lambda: train_step(net.train(), optimizer, images, data.train_labels, next(archs),
-                                  cfg.grad_clip)
-
-    calls = {key: training_step(net) for key, net in nets.items()}
     scored = heldout_set(data, cfg)
-    calls["score"] = lambda: score_arch(closenet, next(archs), *scored, cfg.batch_size)
+    calls["score"] = lambda: score_arch(net, next(archs), *scored, cfg.batch_size)  # level K
     measurements = [Timer("call()", globals={"call": call}, label=key,
                           num_threads=torch.get_num_threads()).timeit(steps)
                     for _ in range(rounds) for key, call in calls.items()]
-    results = {"device": str(device), "torch": torch.__version__, "batch_size": cfg.batch_size,
-               "channels": cfg.channels, "cells": cfg.cells, "steps": steps, "rounds": rounds}
+    results = {"device": str(device), "torch": torch.__version__, "batch_size": cfg.batch_size}
     for measurement in Measurement.merge(measurements):
         key, ms, iqr = measurement.label, 1000 * measurement.median, 1000 * measurement.iqr
         unit = "arch" if key == "score" else "step"
         results.update({f"{key}_ms_per_{unit}": ms, f"{key}_iqr_ms": iqr})
-        ratio = ""
         if key != "score":
             results[f"{key}_ratio"] = ms / results["vanilla_ms_per_step"]
-            ratio = f"{results[f'{key}_ratio']:.2f}x"
-        print(f"{key:13s}{ms:9.1f} ms per {unit} (IQR {iqr:.1f})  {ratio}")
+        print(f"{key:13s}{ms:9.1f} ms per {unit} (IQR {iqr:.1f})  "
+              f"{results.get(key + '_ratio', 1):.2f}x")
     (out := Path(cfg.out or "runs")).mkdir(parents=True, exist_ok=True)
     write_atomic(out / "benchmark.json", json.dumps(results, indent=2))
     print(f"{device}, batch {cfg.batch_size}: written to {out / 'benchmark.json'}")
     return results
-
 
 # ----------------------------------------------------------------------------
 # 9. Command line
@@ -1439,20 +1371,16 @@ def parse_args(argv=None):
                 {"type": type(option.default), "choices": option.metadata["choices"]})
         parser.add_argument("--" + option.name.replace("_", "-"), default=argparse.SUPPRESS,
                             help=option.metadata["help"] + shown, **kind)
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out where it stopped, with its options")
-    parser.add_argument("--load", default="", metavar="CKPT",
-                        help="skip training: score and search the supernet in this checkpoint")
-    parser.add_argument("--arch", action="append", default=[], metavar="ARCH",
-                        help="score these archs (NB201 strings; repeatable), not the unique ones")
-    parser.add_argument("--compare", nargs="+", metavar="RUN",
-                        help="print the metrics of finished runs side by side")
-    parser.add_argument("--plot", metavar="RUN",
-                        help="draw RUN/ranking.png from a finished run (needs matplotlib)")
-    parser.add_argument("--benchmark", action="store_true",
-                        help="time training steps (vanilla vs every level) and scoring")
-    parser.add_argument("--benchmark-steps", type=int, default=4,
-                        help="timed calls per configuration in each of 5 rounds (default: 4)")
+    for flag, text, kind in (
+            ("--resume", "continue the run in --out with its options", {"action": "store_true"}),
+            ("--load", "no training: score and search the supernet in CKPT", {"metavar": "CKPT"}),
+            ("--arch", "score these archs (repeatable), not the unique ones", {"action": "append"}),
+            ("--compare", "print finished runs' metrics side by side", {"nargs": "+"}),
+            ("--plot", "draw RUN/ranking.png (needs matplotlib)", {"metavar": "RUN"}),
+            ("--benchmark", "time training steps and scoring", {"action": "store_true"}),
+            ("--benchmark-steps", "timed calls per configuration and round (default: 4)",
+             {"type": int, "default": 4})):
+        parser.add_argument(flag, help=text, **kind)
     args = parser.parse_args(argv)
     given = [option.name for option in fields(Config) if hasattr(args, option.name)]
     return Config(**{name: getattr(args, name) for name in given}), args, given
@@ -1466,13 +1394,13 @@ def main(argv=None):
         if args.compare:
             print_metrics_table([finished_run(folder) for folder in args.compare])
         elif args.plot:
-            if not plot_run(Path(args.plot)):
-                raise UsageError("--plot needs matplotlib: pip install matplotlib")
+            finished_run(args.plot)  # or a one-line error
+            plot_run(Path(args.plot))
         elif args.benchmark:
             check_config(cfg)
             benchmark(cfg, args.benchmark_steps)
         else:
-            run(cfg, args.resume, args.load, args.arch, given)
+            run(cfg, args.resume, args.load, args.arch or (), given)
     except UsageError as error:
         print(f"close.py: error: {error}", file=sys.stderr if RANK == 0 else sys.stdout)
         return 2
@@ -1486,6 +1414,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    STOP_SIGNALS.append(signal.SIGTERM)  # a killed job stops like Ctrl-C, with a checkpoint
+    STOP_SIGNALS.append(signal.SIGTERM)  # a killed job stops like Ctrl-C
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # which raises KeyboardInterrupt
     sys.exit(main())
