@@ -22,7 +22,6 @@ import math
 import operator
 import os
 import random
-import shutil
 import signal
 import sys
 import threading
@@ -81,7 +80,7 @@ class UsageError(Exception):
     """A problem with the user's input: reported as one line, never as a traceback."""
 
 
-# ----------------------------------------------------------------------------
+# --------------------------------------
 # 1. Search space (NAS-Bench-201)
 OPS = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
 NONE, SKIP, CONV1X1, CONV3X3, AVG_POOL = range(len(OPS))
@@ -196,7 +195,7 @@ def routed_edges(arch):
     return [e for e, live in enumerate(live_edges(ops)) if live and ops[e] in (CONV1X1, CONV3X3)]
 
 
-# ----------------------------------------------------------------------------
+# --------------------------------------
 # 2. Data: uint8 images resident on the device, augmented there in whole batches
 CIFAR10_MEAN = (0.49139968, 0.48215827, 0.44653124)
 CIFAR10_STD = (0.24703233, 0.24348505, 0.26158768)
@@ -236,12 +235,9 @@ def split(images, labels, order, num_classes):
 def cifar10_dataset(root):
     """torchvision's CIFAR-10 train set, split by position as officially (its order is random)."""
     import torchvision
-    created = not Path(root).exists()
     try:
         train_set = torchvision.datasets.CIFAR10(root, train=True, download=True)
     except (OSError, RuntimeError) as error:  # offline: URLError; a broken archive: RuntimeError
-        if created:
-            shutil.rmtree(root, ignore_errors=True)
         raise UsageError(f"CIFAR-10 could not be downloaded into {root} "
                          f"({str(error).splitlines()[0]}): use --data FOLDER, --data synthetic, "
                          f"or --data-root DIR") from None
@@ -308,7 +304,7 @@ def augment(images):
     return out.permute(0, 3, 1, 2)
 
 
-# ----------------------------------------------------------------------------
+# --------------------------------------
 # 3. CLOSENet: parameters decoupled from operations
 #
 # The paper's words and this file's names:
@@ -368,19 +364,11 @@ class SharingAssignment:
     gate: torch.Tensor | None = None
 
 
-def glow_op_reference(x, op, edge, glow_blocks, assignment):
-    """The paper's edge output, sum_i gate_i * block_i(x) over the active blocks, each with
-    autograd, as the official code computes it."""
-    if assignment.gate is None:
-        return relu_conv_bn(x, glow_blocks[assignment.blocks[edge]].weight(op))
-    gate = assignment.gate[edge]
-    return sum(gate[i] * relu_conv_bn(x, glow_blocks[i].weight(op)) for i in range(len(gate)))
-
-
 def glow_op(x, op, edge, glow_blocks, assignment):
-    """glow_op_reference, fast, with the same output and gradients (tested). Only the chosen block
-    needs autograd (the others' forward weight is 0); the others matter by their values alone,
-    for the gate's gradient <dL/d out, block_i(x)>: one fused forward-only conv."""
+    """The paper's edge output, sum_i gate_i * block_i(x) over the active blocks, with one-hot gate
+    weights in the forward pass. Only the chosen block needs autograd (the others' weight is 0);
+    the others matter by their values alone, for the gate's gradient <dL/d out, block_i(x)>: one
+    fused forward-only conv. Equal to the plain sum, gradients included (tested)."""
     if assignment.gate is None:
         return relu_conv_bn(x, glow_blocks[assignment.blocks[edge]].weight(op))
     gate = assignment.gate[edge]                                    # [level]
@@ -459,9 +447,8 @@ class ResidualReduction(nn.Module):
 
 class Gate(nn.Module):
     """The GATE: a GATES-style graph encoder of the arch, then per edge an MLP giving a logit per
-    block. Node 0 starts from a learned embedding, nodes 1-3 from zero; each graph layer sends
-    node j's message W h_j to node i through an attention vector made from the op on edge j->i
-    (zero for none). Widths: the official NB201 config."""
+    block. Node 0 starts from a learned embedding, nodes 1-3 from zero; each layer sends node j's
+    message W h_j to node i through an attention made from the op on edge j->i (official widths)."""
 
     def __init__(self, num_blocks, embedding=48, hidden=96, graph_layers=(128,) * 5, mlp=200,
                  dropout=0.1):
@@ -547,8 +534,8 @@ class CLOSENet(nn.Module):
 
     def sharing_assignment(self, arch, eval_gate="sample", seed=0):
         """Vanilla: edge e on block e; level 1: block 0. Training: a straight-through Gumbel draw
-        from the GATE. Scoring (eval mode), as the official scorer and the command line: a draw
-        seeded by `seed` and the arch (the same in any order), or eval_gate='argmax'."""
+        from the GATE. Scoring (eval mode), as officially and on the command line: a draw seeded
+        by `seed` and the arch (the same in any order), or eval_gate='argmax'."""
         if self.baseline:
             return SharingAssignment(blocks=list(range(len(EDGES))))
         if self.level == 1:
@@ -585,7 +572,7 @@ def build_model(cfg, num_classes, device):
     return model.to(device, memory_format=MEMORY_FORMAT)
 
 
-# ----------------------------------------------------------------------------
+# --------------------------------------
 # 4. Curriculum on the sharing extent
 def curriculum_level(epoch, epochs, num_blocks):
     """Active blocks at 0-based `epoch`: one more every epochs/K (official: 1,000 and 200)."""
@@ -594,9 +581,9 @@ def curriculum_level(epoch, epochs, num_blocks):
 
 @torch.no_grad()
 def add_glow_block(model):
-    """The next GLOW block, with WIT in place (the optimizer keeps its tensors): as officially, the
-    parent's weights are added to the new block's fresh init, and the GATE's logit row likewise.
-    An exact copy would silence the GATE: twins give it no gradient at all."""
+    """The next GLOW block, with WIT in place (the optimizer keeps its tensors): its parent's weights
+    are added to its fresh init, and its GATE logit row likewise (official). An exact copy would
+    silence the GATE: twins give it no gradient at all."""
     new = model.level
     for cell in model.cells():
         parent = cell.glow_blocks[new - 1].parameters()
@@ -606,7 +593,7 @@ def add_glow_block(model):
     model.level = new + 1
 
 
-# ----------------------------------------------------------------------------
+# --------------------------------------
 # 5. Training (the official recipe, scaled to --epochs)
 def make_optimizer(model, cfg):
     """SGD over everything, the GATE included, and the plateau schedule: the official recipe."""
@@ -621,8 +608,8 @@ def make_optimizer(model, cfg):
 
 
 def decay_the_idle_gate(model):
-    """At level 1 the GATE is out of the graph, so SGD would skip it; the official code decays it
-    all the same (level 2 starts from a shrunk GATE). A zero gradient does that."""
+    """At level 1 the GATE is out of the graph and SGD would skip it; the official code decays it
+    all the same, as a zero gradient does."""
     if model.level == 1:
         for p in model.gate.parameters():
             p.grad = torch.zeros_like(p)
@@ -645,42 +632,40 @@ def train_step(model, optimizer, images, labels, arch, grad_clip):
 
 
 def train_epoch(model, optimizer, data, cfg):
-    """One pass over the training split, one uniformly drawn unique arch per step (de-isomorphic
-    sampling). Nothing is read back to the host inside the pass: the losses (x batch size) and
-    the count of correct predictions stay on the device."""
+    """One pass, one uniformly drawn unique arch per step (de-isomorphic sampling). The losses and
+    correct predictions stay on the device: nothing is read back to the host inside the pass."""
     model.train()
     archs, device, count = unique_archs(), data.train_labels.device, len(data.train_labels)
     order, steps = torch.randperm(count, device=device), math.ceil(count / cfg.batch_size)
-    losses, correct, drawn = torch.zeros(steps, device=device), torch.zeros((), device=device), []
+    losses, correct = torch.zeros(steps, device=device), torch.zeros((), device=device)
     for step in with_progress(range(steps), "steps"):
-        drawn.append(archs[torch.randint(len(archs), ()).item()])  # CPU generator: no device sync
+        arch = archs[torch.randint(len(archs), ()).item()]  # CPU generator: no device sync
         batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
         images = normalize(augment(data.train_images[batch]))
         images = images.contiguous(memory_format=MEMORY_FORMAT)
         labels = data.train_labels[batch]
-        loss, logits = train_step(model, optimizer, images, labels, drawn[-1], cfg.grad_clip)
+        loss, logits = train_step(model, optimizer, images, labels, arch, cfg.grad_clip)
         losses[step] = loss * len(batch)
         correct += (logits.argmax(1) == labels).sum()
-    return {"losses": losses, "correct": correct, "archs": drawn, "images": count}
+    return {"losses": losses, "correct": correct, "images": count}
 
 
 def train(model, data, cfg, state, epoch_done=lambda finished: None):
     """CLOSE's schedule: each epoch, grow the pool to the curriculum level (WIT), restart the
-    optimizer at 40%, make one pass, step the plateau scheduler on the epoch's mean loss. `state`
-    (section 8) holds the optimizer, the scheduler and the epochs done."""
+    optimizer at 40%, make one pass, step the plateau scheduler on the epoch's mean loss."""
     for epoch in range(state.epoch, cfg.epochs):
         while model.level < curriculum_level(epoch, cfg.epochs, model.num_blocks):
             add_glow_block(model)
         if epoch == restart_epoch(cfg) > 0:
             state.optimizer, state.scheduler = make_optimizer(model, cfg)
-        started, lr = time.time(), state.optimizer.param_groups[0]["lr"]
+        started, lr = time.monotonic(), state.optimizer.param_groups[0]["lr"]
         finished = train_epoch(model, state.optimizer, data, cfg)
         state.scheduler.step(sum(finished["losses"].tolist()) / finished["images"])
         state.epoch = epoch + 1
-        epoch_done(finished | {"lr": lr, "seconds": time.time() - started})
+        epoch_done(finished | {"lr": lr, "seconds": time.monotonic() - started})
 
 
-# ----------------------------------------------------------------------------
+# --------------------------------------
 # 6. Evaluation: one-shot scores, the GATE's health, ranking metrics
 def heldout_set(data, cfg):
     """The held-out images that score archs (the first --eval-batches batches), normalised once."""
@@ -689,10 +674,8 @@ def heldout_set(data, cfg):
     return images, data.heldout_labels[:count]
 
 
-def archs_to_score(cfg, chosen=()):
-    """The given archs, or the unique ones (a subset seeded by --eval-seed: the same every run)."""
-    if chosen:
-        return chosen
+def archs_to_score(cfg):
+    """The unique archs, or a subset seeded by --eval-seed (the same in every run)."""
     if 0 < cfg.eval_archs < len(unique_archs()):
         return tuple(random.Random(cfg.eval_seed).sample(unique_archs(), cfg.eval_archs))
     return unique_archs()
@@ -735,9 +718,8 @@ def probe_archs():
 def gate_health(model, archs):
     """Does the GATE route by arch? Over the routed edges of `archs`, on the active blocks:
     spread: std over edges of the logits centred per edge, mean over blocks (under 0.05 no
-        block's odds move by more than ~5% from arch to arch); off_dominant: share of edges not
-        on the block most edges pick (0: collapsed); entropy of softmax(logits), the draw in
-        training, over log(level) (1: uniform)."""
+        block's odds move by over ~5% between archs); off_dominant: share of edges not on the
+        main block (0: collapsed); entropy: of the training draw, over log(level) (1: uniform)."""
     if model.gate is None or model.level == 1:
         return {"spread": None, "off_dominant": None, "entropy": None}
     training, device = model.training, model.gate.edge_src.device
@@ -757,7 +739,7 @@ def describe_gate(health):
         return ""
     verdict = ""
     if health["spread"] < 0.05:
-        verdict = " BLIND: the routing barely depends on the architecture"
+        verdict = " BLIND: routing barely depends on the arch"
     elif health["off_dominant"] < 0.01:
         verdict = " COLLAPSED: one block takes every edge"
     return (f"GATE spread {health['spread']:.2g}, {100 * health['off_dominant']:.0f}% off the "
@@ -819,7 +801,7 @@ def load_ground_truth(path):
                        {a: class_rank[canonical(a)] for a in ALL_ARCHS})
 
 
-# ----------------------------------------------------------------------------
+# --------------------------------------
 # 7. Search: regularized evolution (Real et al., 2019) over unique architectures
 def mutate(arch, rng):
     """Change the op on one edge; retry until the child is another cell, not an isomorph."""
@@ -833,9 +815,9 @@ def mutate(arch, rng):
 
 
 def regularized_evolution(fitness, budget, population_size=50, tournament_size=10, seed=0):
-    """Age-regularized evolution: the tournament winner's mutant joins, the oldest member leaves.
-    `budget` counts calls of `fitness`. Returns the best arch, its fitness and the history. Its
-    own random stream: seeded like --eval-archs, it would start from the scored archs."""
+    """Age-regularized evolution: the tournament winner's mutant joins, the oldest member leaves;
+    `budget` counts calls of `fitness`. Its own random stream: seeded like --eval-archs, it would
+    start from the scored archs."""
     rng = random.Random(f"regularized-evolution-{seed}")
     history, population = [], []
 
@@ -854,8 +836,7 @@ def regularized_evolution(fitness, budget, population_size=50, tournament_size=1
 
 
 def search_with_supernet(model, images, labels, cfg, scores):
-    """Regularized evolution with the one-shot accuracy as fitness (never the ground truth); archs
-    outside `scores` are scored on demand and added to it."""
+    """Regularized evolution on one-shot accuracy (never the ground truth), scoring on demand."""
     def fitness(arch):
         if arch not in scores:
             scores[arch] = score_arch(model, arch, images, labels, cfg.batch_size, cfg.eval_gate,
@@ -869,20 +850,18 @@ def search_with_supernet(model, images, labels, cfg, scores):
             "population": cfg.population, "tournament": cfg.tournament}
 
 
-# ----------------------------------------------------------------------------
+# --------------------------------------
 # 8. Runs: checked options, exact resume, torchrun, outputs, summary, benchmark
-# The options that define a trained supernet, and those of its weights.
+# The options that define a trained supernet, and those its weights need.
 RUN_OPTIONS = ("blocks", "baseline", "channels", "cells", "epochs", "batch_size", "lr", "momentum",
                "weight_decay", "grad_clip", "seed", "data", "train_subset")
 MODEL_OPTIONS = ("blocks", "baseline", "channels", "cells")
-OUTPUT_FILES = ("config.json", "log.csv", "checkpoint.pt", "scores.csv", "metrics.json",
-                "search.json", "ranking.png")
 LOG_FIELDS = ("epoch", "level", "lr", "loss", "accuracy", "seconds", "images_per_s",
               "gate_spread", "gate_off_dominant", "gate_entropy")
 SCORE_FIELDS = ("arch", "oneshot_accuracy", "oneshot_loss", "nb201_accuracy")
 SUMMARY_METRICS = ("kendall_tau", "spearman", "pearson", "P@top1%", "P@top5%", "P@top10%",
                    "P@bottom5%", "BR@5%", "WR@5%")
-STOP_SIGNALS = [signal.SIGINT]  # the command line adds SIGTERM; a library caller keeps its own
+STOP_SIGNALS = [signal.SIGINT]  # the command line adds SIGTERM; a library keeps its own
 # Under torchrun rank 0 trains while the others wait; all score a share of the archs; rank 0
 # gathers the scores, searches, and alone prints and writes.
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -912,20 +891,15 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def with_progress(items, label):
-    """Yield from `items` with a status line: redrawn on a terminal, a line a minute in a file."""
-    total, tty = len(items), sys.stdout.isatty()
-    started = shown = time.time()
+def with_progress(items, label, clock=time.monotonic):
+    """Yield from `items`, printing how far it is and the time left once a minute."""
+    started = shown = clock()
     for done, item in enumerate(items, 1):
         yield item
-        now = time.time()
-        if now - shown > (0.5 if tty else 60) and done < total:
+        if (now := clock()) - shown > 60 and done < len(items):
             rate, shown = done / (now - started), now
-            left = minutes((total - done) / rate)
-            line = f"{label}: {done:,}/{total:,}  {rate:,.1f}/s  {left} left"
-            print(f"\r{line}\033[K" if tty else line, end="" if tty else "\n", flush=True)
-    if tty and shown > started:
-        print("\r\033[K", end="", flush=True)
+            print(f"{label}: {done:,}/{len(items):,}  {rate:,.2f}/s  "
+                  f"{minutes((len(items) - done) / rate)} left", flush=True)
 
 
 def minutes(seconds):
@@ -969,8 +943,8 @@ def default_out(cfg):
 
 
 def settle_options(cfg, given, resume, load):
-    """A resumed or loaded run takes the run's options, but for those typed now (`given`), which
-    may not change the trained supernet. Returns them and, for --load, the checkpoint."""
+    """A resumed or loaded run takes the run's options but those typed now (`given`), which may not
+    change the trained supernet. Returns them and, for --load, the checkpoint."""
     checkpoint, fixed = None, RUN_OPTIONS + ("eval_batches", "eval_gate")
     if load:
         checkpoint, fixed = load_checkpoint(load), MODEL_OPTIONS
@@ -995,13 +969,10 @@ def settle_options(cfg, given, resume, load):
 
 
 def claim_out(cfg, resume):
-    """The output folder, never one with another run (unless resumed) or files it overwrites."""
+    """The output folder, never one holding another run (unless resumed)."""
     out = Path(cfg.out or default_out(cfg))
-    taken = [name for name in OUTPUT_FILES if (out / name).exists()]
-    if "config.json" in taken and not resume:
+    if (out / "config.json").exists() and not resume:
         raise UsageError(f"--out {out} already holds a run: --resume it or choose another --out")
-    if taken and "config.json" not in taken:
-        raise UsageError(f"--out {out} holds {', '.join(taken)}: choose another --out")
     return out
 
 
@@ -1023,28 +994,18 @@ def csv_text(header, rows):
 
 @dataclass
 class TrainingState:
-    """What the schedule changes; with the model and torch's generators, all an exact resume needs."""
+    """What the schedule changes: with the model and torch's RNG, all an exact resume needs."""
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
     epoch: int = 0  # epochs finished
 
-    def state_dict(self):
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "epoch": self.epoch, "rng": {"cpu": torch.get_rng_state(), "cuda": cuda}}
-
-    def load_state_dict(self, state):
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.epoch = state["epoch"]
-        torch.set_rng_state(state["rng"]["cpu"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-
 
 def save_checkpoint(path, cfg, model, state, log):
-    checkpoint = {"config": asdict(cfg), "model": model.state_dict(), "log": log,
-                  **state.state_dict()}
+    rng = {"cpu": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    checkpoint = {"config": asdict(cfg), "model": model.state_dict(), "epoch": state.epoch,
+                  "optimizer": state.optimizer.state_dict(), "rng": rng, "log": log,
+                  "scheduler": state.scheduler.state_dict()}
     write_atomic(path, lambda temporary: torch.save(checkpoint, temporary))
 
 
@@ -1062,21 +1023,23 @@ def fit(model, data, cfg, out):
     if (out / "checkpoint.pt").exists():
         saved = load_checkpoint(out / "checkpoint.pt", data.train_images.device)
         model.load_state_dict(saved["model"])
-        state.load_state_dict(saved)
-        log = saved["log"]
+        state.optimizer.load_state_dict(saved["optimizer"])
+        state.scheduler.load_state_dict(saved["scheduler"])
+        state.epoch, log, rng = saved["epoch"], saved["log"], saved["rng"]
+        torch.set_rng_state(rng["cpu"].cpu())  # generator states live on the CPU
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([generator.cpu() for generator in rng["cuda"]])
         print(f"resumed {out} after epoch {state.epoch} (level {model.level})")
 
     def epoch_done(finished):
-        losses, images, seconds = (finished[key] for key in ("losses", "images", "seconds"))
-        losses = losses.tolist()
-        bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
-        if bad is not None:
-            raise UsageError(f"the training loss became non-finite in epoch {state.epoch}, step "
-                             f"{bad + 1} (arch {arch_to_str(finished['archs'][bad])}); the "
-                             f"checkpoint keeps the last good epoch")
+        images, seconds = finished["images"], finished["seconds"]
+        loss = sum(finished["losses"].tolist()) / images
+        if not math.isfinite(loss):
+            raise UsageError(f"the training loss became non-finite in epoch {state.epoch}; the "
+                             f"checkpoint keeps the last good one")
         health = gate_health(model, probe_archs())
         log.append({"epoch": state.epoch, "level": model.level, "lr": finished["lr"],
-                    "loss": sum(losses) / images, "accuracy": finished["correct"].item() / images,
+                    "loss": loss, "accuracy": finished["correct"].item() / images,
                     "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 1),
                     **{f"gate_{key}": value for key, value in health.items()}})
         save_checkpoint(out / "checkpoint.pt", cfg, model, state, log)
@@ -1084,18 +1047,17 @@ def fit(model, data, cfg, out):
         write_atomic(out / "log.csv", csv_text(LOG_FIELDS, rows))
         level = "" if model.baseline else f"level {model.level}  "
         left = minutes(seconds * (cfg.epochs - state.epoch))  # later levels are slower: at least
-        print(f"epoch {state.epoch:4d}/{cfg.epochs}  loss {log[-1]['loss']:.4f}  acc "
-              f"{100 * log[-1]['accuracy']:5.1f}%  lr {finished['lr']:.4g}  {level}"
-              f"{images / seconds:,.0f} img/s  training left >= {left}  {describe_gate(health)}",
-              flush=True)
+        print(f"epoch {state.epoch:4d}/{cfg.epochs}  loss {loss:.4f}  acc "
+              f"{log[-1]['accuracy']:6.1%}  lr {finished['lr']:.4g}  {level}{images / seconds:,.0f}"
+              f" img/s  {left} left or more  {describe_gate(health)}", flush=True)
 
     train(model, data, cfg, state, epoch_done)
     return log
 
 
 def start_ranks(cfg):
-    """gloo (CPU messages: ranks may share a GPU), timing out after any training the others wait
-    for; rank r on cuda:(LOCAL_RANK mod GPUs), or on its share of the cores."""
+    """gloo (CPU messages: ranks may share a GPU), with a timeout longer than the training the
+    others wait for; rank r on cuda:(LOCAL_RANK mod GPUs), or on its share of the cores."""
     dist.init_process_group("gloo", timeout=datetime.timedelta(days=30))
     local, ranks_here = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
     if cfg.device in ("auto", "cuda") and torch.cuda.is_available():
@@ -1160,24 +1122,20 @@ def score_archs(model, images, labels, cfg, archs, path):
     return scores
 
 
-def run(cfg, resume=False, load="", arch_strings=(), given=()):
+def run(cfg, resume=False, load="", given=()):
     """Setup, train, score, rank, search, report; every input checked before any work starts."""
     cfg, checkpoint = settle_options(cfg, set(given), resume, load)
     check_config(cfg)
-    try:
-        chosen_archs = tuple(dict.fromkeys(str_to_arch(text) for text in arch_strings))
-    except ValueError as error:
-        raise UsageError(f"--arch: {error}") from None
     if WORLD > 1:
         start_ranks(cfg)
     device, out = resolve_device(cfg.device), claim_out(cfg, resume or RANK > 0)
     truth = load_ground_truth(cfg.nb201) if cfg.nb201 else None  # never seen by the search
     if not importlib.util.find_spec("matplotlib"):
         print(f"no matplotlib: no ranking.png (pip install matplotlib; close.py --plot {out})")
-    times, started = {}, time.time()
+    times, started = {}, time.monotonic()
     try:
         data = load_dataset(cfg).to(device)
-        times["data_s"] = time.time() - started
+        times["data_s"] = time.monotonic() - started
         model = build_model(cfg, data.num_classes, device)
         print(f"{out.name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
               f"{len(data.train_labels):,} train / {len(data.heldout_labels):,} held-out images, "
@@ -1190,34 +1148,31 @@ def run(cfg, resume=False, load="", arch_strings=(), given=()):
         train_supernet = fit_on_rank0 if WORLD > 1 else fit
         log = checkpoint["log"] if checkpoint else train_supernet(model, data, cfg, out)
         times["train_s"] = sum(row["seconds"] for row in log or [])
-        return score_rank_search(model, data, cfg, out, chosen_archs, truth, times)
+        return score_rank_search(model, data, cfg, out, truth, times)
     except KeyboardInterrupt:
         saved = (out / "config.json").exists()
         raise Interrupted("interrupted: " + ("--resume continues" if saved else
                                              "nothing was saved")) from None
 
 
-def score_rank_search(model, data, cfg, out, chosen_archs, truth, times):
-    started, (images, labels) = time.time(), heldout_set(data, cfg)
-    archs = archs_to_score(cfg, chosen_archs)
+def score_rank_search(model, data, cfg, out, truth, times):
+    started, (images, labels), archs = time.monotonic(), heldout_set(data, cfg), archs_to_score(cfg)
     scores = score_archs(model, images, labels, cfg, archs, out / "scores.csv")
     if RANK > 0:
         return None
-    times["score_s"] = time.time() - started
+    times["score_s"] = time.monotonic() - started
     rows = [[arch_to_str(a), *scores[a], truth.accuracy[a] if truth else ""] for a in archs]
     write_atomic(out / "scores.csv", csv_text(SCORE_FIELDS, rows))
     accuracies, ranking = [scores[a][0] for a in archs], None
     if truth and len(archs) > 1:
         ranking = ranking_metrics(accuracies, [truth.accuracy[a] for a in archs])
-    started, search, searched = time.time(), None, dict(scores)
+    started, search, searched = time.monotonic(), None, dict(scores)
     if cfg.search_budget:
         search = search_with_supernet(model, images, labels, cfg, searched)
         search["best"] = result_row(search["best"], searched, truth)
         write_atomic(out / "search.json", json.dumps(search, indent=2))
-    times["search_s"] = time.time() - started
-    top5 = sorted(archs, key=lambda a: -scores[a][0])[:5]
+    times["search_s"] = time.monotonic() - started
     results = {"run": out.name, "ranking": ranking, "search": search,
-               "top5": [result_row(a, scores, truth) for a in top5],
                "times": {key: round(value, 1) for key, value in times.items()},
                "scored_archs": len(archs), "mean_oneshot_accuracy": float(np.mean(accuracies)),
                "scoring_edges_per_block": edges_per_block(model, archs, cfg),
@@ -1239,22 +1194,14 @@ def result_row(arch, scores, truth):
 
 
 def print_summary(out, results):
-    times = ", ".join(f"{key[:-2]} {minutes(value)}" for key, value in results["times"].items())
-    print(f"\n== {results['run']} ({out}) ==\n{times}")
+    print(f"\n== {results['run']} ({out}) ==")
     if results["gate"]["spread"] is not None:
         usage = results["scoring_edges_per_block"]
         print(f"{describe_gate(results['gate'])}\nscored archs' routed edges per block: {usage}")
     print_metrics_table([results])
-    rows = [("", row) for row in results["top5"]]
     if results["search"]:
-        rows.append((f"search ({results['search']['budget']} evaluations) ",
-                     results["search"]["best"]))
-    print("top-5 by one-shot accuracy:")
-    for what, row in rows:
-        nb201 = ""
-        if "nb201_rank" in row:
-            nb201 = f"  NB201 {row['nb201_accuracy']:.2f}% (rank {row['nb201_rank']:,} of 6,466)"
-        print(f"  {what}{row['oneshot_accuracy']:5.1f}%  {row['arch']}{nb201}")
+        search = results["search"]
+        print(f"search ({search['budget']} evaluations) found {search['best']['arch']}")
 
 
 def finished_run(folder):
@@ -1271,8 +1218,6 @@ def print_metrics_table(runs):
 
     ranked, best = runs[0]["ranking"], [(run["search"] or {}).get("best", {}) for run in runs]
     best = [row if "nb201_rank" in row else None for row in best]
-    if not ranked:
-        print("ranking metrics: none (pass --nb201 FILE to compare against NAS-Bench-201)")
     rows = {"": [run["run"] for run in runs]}
     for name in SUMMARY_METRICS if ranked else ():
         rows[name] = [cell((run["ranking"] or {}).get(name)) for run in runs]
@@ -1285,8 +1230,8 @@ def print_metrics_table(runs):
     for name, cells in rows.items():
         print(f"{name:14s}" + "".join(f"{text:>{width}s}" for text in cells))
     if ranked:
-        print(f"(P@top/bottom K: share of the predicted top/bottom K% of the {ranked['n']:,} that "
-              f"truly are; BR/WR@5%: the best/worst true rank in the predicted top 5%)")
+        print(f"({ranked['n']:,} archs; P@top/bottom K: share of the predicted top/bottom K% that "
+              f"truly are; BR/WR@5%: best/worst true rank in the predicted top 5%)")
 
 
 def plot_run(out):
@@ -1314,13 +1259,14 @@ def plot_run(out):
 
 
 def benchmark(cfg, steps, rounds=5):
-    """ms per training step, vanilla vs CLOSENet at each level (the same 8 archs and batch), and
-    per arch scored, by torch.utils.benchmark (warm-up, CUDA synchronised). The configurations
-    take turns in each round, so drift hits all alike; each figure is the median of the rounds."""
+    """ms per training step, vanilla vs CLOSENet at each level (the same 8 archs and batch), by
+    torch.utils.benchmark (warm-up, CUDA synchronised). The configurations take turns in each
+    round, so drift hits all alike; each figure is the median of the rounds."""
     from torch.utils.benchmark import Measurement, Timer
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    archs = itertools.cycle(random.Random(0).sample([a for a in unique_archs() if routed_edges(a)], 8))
+    with_weights = [arch for arch in unique_archs() if routed_edges(arch)]
+    archs = itertools.cycle(random.Random(0).sample(with_weights, 8))
     data = synthetic_dataset(cfg.batch_size, 4 * cfg.batch_size, seed=cfg.seed).to(device)
     images = normalize(data.train_images).contiguous(memory_format=MEMORY_FORMAT)
     calls, closenet = {}, CLOSENet(cfg.channels, cfg.cells, cfg.blocks)
@@ -1332,26 +1278,21 @@ def benchmark(cfg, steps, rounds=5):
             net.train(), optimizer, images, data.train_labels, next(archs), cfg.grad_clip)
         if key != "vanilla" and closenet.level < cfg.blocks:
             add_glow_block(closenet)
-    scored = heldout_set(data, cfg)
-    calls["score"] = lambda: score_arch(net, next(archs), *scored, cfg.batch_size)  # level K
     measurements = [Timer("call()", globals={"call": call}, label=key,
                           num_threads=torch.get_num_threads()).timeit(steps)
                     for _ in range(rounds) for key, call in calls.items()]
     results = {"device": str(device), "torch": torch.__version__, "batch_size": cfg.batch_size}
     for measurement in Measurement.merge(measurements):
         key, ms, iqr = measurement.label, 1000 * measurement.median, 1000 * measurement.iqr
-        unit = "arch" if key == "score" else "step"
-        results.update({f"{key}_ms_per_{unit}": ms, f"{key}_iqr_ms": iqr})
-        if key != "score":
-            results[f"{key}_ratio"] = ms / results["vanilla_ms_per_step"]
-        print(f"{key:13s}{ms:9.1f} ms per {unit} (IQR {iqr:.1f})  "
-              f"{results.get(key + '_ratio', 1):.2f}x")
+        ratio = ms / results.setdefault("vanilla_ms_per_step", ms)
+        results.update({f"{key}_ms_per_step": ms, f"{key}_iqr_ms": iqr, f"{key}_ratio": ratio})
+        print(f"{key:13s}{ms:9.1f} ms per step (IQR {iqr:.1f})  {ratio:.2f}x vanilla")
     (out := Path(cfg.out or "runs")).mkdir(parents=True, exist_ok=True)
     write_atomic(out / "benchmark.json", json.dumps(results, indent=2))
     print(f"{device}, batch {cfg.batch_size}: written to {out / 'benchmark.json'}")
     return results
 
-# ----------------------------------------------------------------------------
+# --------------------------------------
 # 9. Command line
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit code 2, like every other bad input
@@ -1359,12 +1300,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_args(argv=None):
-    """Config and the other arguments. Options not typed stay out of the namespace, so that a
-    resumed or loaded run can tell them from those it takes from the run."""
+    """Config, the other arguments, and the options typed (a resumed run takes the others)."""
     parser = ArgumentParser(
         description="CLOSE on NAS-Bench-201: train a CLOSENet supernet, score archs, search.",
-        epilog=f"Outputs in --out: {', '.join(OUTPUT_FILES)}. NB201 files other than the compact "
-               f"CSV are pickles: loading one runs code from it, so use only files you trust.")
+        epilog="NB201 files other than the compact CSV are pickles: loading one runs code from "
+               "it, so use only files you trust.")
     for option in fields(Config):
         shown = f" (default: {option.default})" if option.default not in ("", False) else ""
         kind = ({"action": "store_true"} if isinstance(option.default, bool) else
@@ -1374,7 +1314,6 @@ def parse_args(argv=None):
     for flag, text, kind in (
             ("--resume", "continue the run in --out with its options", {"action": "store_true"}),
             ("--load", "no training: score and search the supernet in CKPT", {"metavar": "CKPT"}),
-            ("--arch", "score these archs (repeatable), not the unique ones", {"action": "append"}),
             ("--compare", "print finished runs' metrics side by side", {"nargs": "+"}),
             ("--plot", "draw RUN/ranking.png (needs matplotlib)", {"metavar": "RUN"}),
             ("--benchmark", "time training steps and scoring", {"action": "store_true"}),
@@ -1400,7 +1339,7 @@ def main(argv=None):
             check_config(cfg)
             benchmark(cfg, args.benchmark_steps)
         else:
-            run(cfg, args.resume, args.load, args.arch or (), given)
+            run(cfg, args.resume, args.load, given)
     except UsageError as error:
         print(f"close.py: error: {error}", file=sys.stderr if RANK == 0 else sys.stdout)
         return 2
