@@ -358,8 +358,8 @@ class GlowBlock(nn.Module):
 
 @dataclass
 class SharingAssignment:
-    """The GLOW block of each edge, in every cell: a list, or in training the GATE's draw (a
-    device tensor) with its straight-through weights `gate` [6, level], one-hot at `blocks`."""
+    """The GLOW block of each edge, in every cell; in training the GATE's draw, on the device, with
+    its straight-through weights `gate` [6, level]."""
     blocks: list[int] | torch.Tensor
     gate: torch.Tensor | None = None
 
@@ -581,7 +581,7 @@ def curriculum_level(epoch, epochs, num_blocks):
 
 @torch.no_grad()
 def add_glow_block(model):
-    """The next GLOW block, with WIT in place (the optimizer keeps its tensors): its parent's weights
+    """The next GLOW block, by WIT in place (the optimizer keeps its tensors): its parent's weights
     are added to its fresh init, and its GATE logit row likewise (official). An exact copy would
     silence the GATE: twins give it no gradient at all."""
     new = model.level
@@ -668,7 +668,7 @@ def train(model, data, cfg, state, epoch_done=lambda finished: None):
 # --------------------------------------
 # 6. Evaluation: one-shot scores, the GATE's health, ranking metrics
 def heldout_set(data, cfg):
-    """The held-out images that score archs (the first --eval-batches batches), normalised once."""
+    """The held-out images that score archs (--eval-batches of them), normalised once."""
     count = cfg.eval_batches * cfg.batch_size or len(data.heldout_labels)
     images = normalize(data.heldout_images[:count]).contiguous(memory_format=MEMORY_FORMAT)
     return images, data.heldout_labels[:count]
@@ -699,7 +699,7 @@ def score_arch(model, arch, images, labels, batch_size, eval_gate="sample", seed
 
 
 def edges_per_block(model, archs, cfg):
-    """How many routed edges of `archs` each block scores: a collapsed GATE sends all to one."""
+    """How many routed edges of `archs` each block scores (a collapsed GATE: all on one)."""
     model.eval()
     blocks = []
     for arch in archs:
@@ -710,7 +710,7 @@ def edges_per_block(model, archs, cfg):
 
 @functools.cache
 def probe_archs():
-    """gate_health's fixed probe set: 500 unique archs, the same in every run."""
+    """gate_health's probe set: 500 unique archs, the same in every run."""
     return tuple(random.Random(0).sample(unique_archs(), 500))
 
 
@@ -742,12 +742,12 @@ def describe_gate(health):
         verdict = " BLIND: routing barely depends on the arch"
     elif health["off_dominant"] < 0.01:
         verdict = " COLLAPSED: one block takes every edge"
-    return (f"GATE spread {health['spread']:.2g}, {100 * health['off_dominant']:.0f}% off the "
-            f"main block, entropy {health['entropy']:.2f}{verdict}")
+    return (f"GATE spread {health['spread']:.2g}, {health['off_dominant']:.0%} off the main "
+            f"block, entropy {health['entropy']:.2f}{verdict}")
 
 
 def descending_ranks(values):
-    """Rank 0 = the highest value; ties share the best rank of their group."""
+    """Rank 0 = the highest value; ties share their best rank."""
     return scipy.stats.rankdata(-np.asarray(values, dtype=float), method="min").astype(int) - 1
 
 
@@ -804,7 +804,7 @@ def load_ground_truth(path):
 # --------------------------------------
 # 7. Search: regularized evolution (Real et al., 2019) over unique architectures
 def mutate(arch, rng):
-    """Change the op on one edge; retry until the child is another cell, not an isomorph."""
+    """Change the op on one edge, until the child is another cell (not an isomorph)."""
     while True:
         edge = rng.randrange(len(EDGES))
         child = list(arch)
@@ -1017,8 +1017,8 @@ def load_checkpoint(path, device="cpu"):
 
 
 def fit(model, data, cfg, out):
-    """train() with a checkpoint, a log.csv row and a line at every epoch's end; resumes after
-    the last one (a stop loses the epoch under way, which --resume repeats exactly)."""
+    """train() with a checkpoint, a log.csv row and a line after every epoch; resumes after the
+    last (a stop loses the epoch under way, which --resume repeats exactly)."""
     state, log = TrainingState(*make_optimizer(model, cfg)), []
     if (out / "checkpoint.pt").exists():
         saved = load_checkpoint(out / "checkpoint.pt", data.train_images.device)
@@ -1029,7 +1029,7 @@ def fit(model, data, cfg, out):
         torch.set_rng_state(rng["cpu"].cpu())  # generator states live on the CPU
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([generator.cpu() for generator in rng["cuda"]])
-        print(f"resumed {out} after epoch {state.epoch} (level {model.level})")
+        print(f"resumed after epoch {state.epoch}")
 
     def epoch_done(finished):
         images, seconds = finished["images"], finished["seconds"]
@@ -1056,8 +1056,8 @@ def fit(model, data, cfg, out):
 
 
 def start_ranks(cfg):
-    """gloo (CPU messages: ranks may share a GPU), with a timeout longer than the training the
-    others wait for; rank r on cuda:(LOCAL_RANK mod GPUs), or on its share of the cores."""
+    """gloo (CPU messages: ranks may share a GPU), timing out after the longest training; rank r
+    on cuda:(LOCAL_RANK mod GPUs), or on its share of the cores."""
     dist.init_process_group("gloo", timeout=datetime.timedelta(days=30))
     local, ranks_here = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
     if cfg.device in ("auto", "cuda") and torch.cuda.is_available():
@@ -1074,7 +1074,7 @@ def from_rank0(value):
 def fit_on_rank0(model, data, cfg, out):
     """fit() on rank 0, whose weights the other ranks then take (or its stop)."""
     weights = log = None
-    with StopRequest() if RANK else contextlib.nullcontext():  # rank 0 alone answers a stop
+    with StopRequest() if RANK else contextlib.nullcontext():  # rank 0 answers a stop
         try:
             if RANK == 0:
                 log = fit(model, data, cfg, out)
@@ -1140,7 +1140,7 @@ def run(cfg, resume=False, load="", given=()):
         print(f"{out.name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
               f"{len(data.train_labels):,} train / {len(data.heldout_labels):,} held-out images, "
               f"{device}", flush=True)
-        if RANK == 0:  # the run starts: from here the folder is its own
+        if RANK == 0:  # from here the folder is the run's
             out.mkdir(parents=True, exist_ok=True)
             write_atomic(out / "config.json", json.dumps(asdict(cfg), indent=2))
         if checkpoint:

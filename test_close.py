@@ -848,18 +848,8 @@ def test_summary_and_compare_say_what_their_numbers_are(tmp_path, capsys):
     capsys.readouterr()
     assert close.main(["--compare", str(long_name), str(long_name)]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == [long_name.name] * 2
+    assert table[0].split() == [long_name.name] * 2 and table[1].split()[0] == "kendall_tau"
     assert any(line.startswith("mean one-shot") for line in table) and any(line.startswith("search rank") for line in table)
-
-
-def test_compare_prints_runs_side_by_side(tmp_path, capsys):
-    nb201 = fake_nb201_csv(tmp_path / "fake.csv")
-    for flag, name in (([], "close-x"), (["--baseline"], "vanilla-x")):
-        assert close.main(TINY + ["--epochs", "2", "--blocks", "2", "--nb201", str(nb201), "--out", str(tmp_path / name)] + flag) == 0
-    capsys.readouterr()
-    assert close.main(["--compare", str(tmp_path / "close-x"), str(tmp_path / "vanilla-x")]) == 0
-    table = capsys.readouterr().out
-    assert "kendall_tau" in table.splitlines()[1] and table.splitlines()[0].split() == ["close-x", "vanilla-x"]
 
 
 def test_progress_line_once_a_minute(capsys):
@@ -875,16 +865,65 @@ def test_progress_line_once_a_minute(capsys):
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # as torch.set_num_threads(1) above, for a child process
 
 
-def test_cli_error_exit_code_and_benchmark_in_a_subprocess(tmp_path):
+def test_cli_error_exit_code_in_a_subprocess_and_benchmark(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "close.py"), "--data", "synthetic", "--epochs", "1", "--blocks", "5",
                              "--out", str(tmp_path / "x")], capture_output=True, text=True, env=ONE_THREAD)
     assert result.returncode == 2 and result.stderr.startswith("close.py: error:") and "Traceback" not in result.stderr
-    result = subprocess.run([sys.executable, str(ROOT / "close.py"), "--benchmark", "--device", "cpu", "--cells", "1", "--channels", "4",
-                             "--blocks", "2", "--batch-size", "8", "--eval-batches", "1", "--benchmark-steps", "1", "--out", str(tmp_path)],
-                            capture_output=True, text=True, env=ONE_THREAD)
-    assert result.returncode == 0, result.stderr
+    assert close.main(["--benchmark", "--device", "cpu", "--cells", "1", "--channels", "4", "--blocks", "2", "--batch-size", "8",
+                       "--benchmark-steps", "1", "--out", str(tmp_path)]) == 0
     bench = json.loads((tmp_path / "benchmark.json").read_text())
     assert {"vanilla_ms_per_step", "close_level1_ms_per_step", "close_level2_ratio", "close_level2_iqr_ms"} <= set(bench)
+
+
+# Under torchrun: 2 ranks on the CPU (gloo). A stop is Ctrl-C on torchrun itself, which forwards it
+# to every rank; this wrapper sends it from rank 0 after the N-th call of a close.py function.
+STOP_WRAPPER = """
+import os, signal, sys
+sys.path.insert(0, sys.argv.pop(1))
+import close
+real, calls = getattr(close, os.environ["STOP_IN"]), []
+def stop_after(*args, **kwargs):
+    result = real(*args, **kwargs)
+    calls.append(1)
+    if close.RANK == 0 and len(calls) == int(os.environ["STOP_AT"]):
+        os.kill(os.getppid(), signal.SIGINT)
+    return result
+setattr(close, os.environ["STOP_IN"], stop_after)
+sys.exit(close.main())
+"""
+
+
+def torchrun(tmp_path, argv, stop_in="", stop_at=0):
+    script = [str(ROOT / "close.py")]
+    if stop_in:
+        (tmp_path / "stop.py").write_text(STOP_WRAPPER)
+        script = [str(tmp_path / "stop.py"), str(ROOT)]
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           *script, *argv], capture_output=True, text=True, cwd=tmp_path,
+                          env={**ONE_THREAD, "STOP_IN": stop_in, "STOP_AT": str(stop_at)})
+
+
+def test_torchrun_scores_exactly_as_one_process_and_resumes_after_stops(tmp_path):
+    nb201 = fake_nb201_csv(tmp_path / "fake.csv")
+    argv = TINY + ["--epochs", "4", "--blocks", "2", "--nb201", str(nb201)]
+    assert close.main(argv + ["--out", str(tmp_path / "one")]) == 0
+    # stopped in training epoch 2 of 4 (rank 0 trains, rank 1 waits): the checkpoint has epoch 1
+    stopped = torchrun(tmp_path, argv + ["--out", "two"], "train_step", 3)
+    assert stopped.returncode != 0 and "--resume continues" in stopped.stderr, stopped.stderr[-3000:]
+    assert torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    # resumed, then stopped while scoring: both ranks stop after the same round, rank 0 keeps it
+    stopped = torchrun(tmp_path, ["--resume", "--out", "two"], "score_arch", 3)
+    assert stopped.returncode != 0 and "stopped while scoring" in stopped.stderr, stopped.stderr[-3000:]
+    assert 2 <= len((tmp_path / "two" / "scores.csv").read_text().splitlines()) - 1 < 12
+    finished = torchrun(tmp_path, ["--resume", "--out", "two"])
+    assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-6000:]
+    assert finished.stdout.count("== two (") == 1  # rank 0 alone prints
+    for name in ("scores.csv", "search.json"):
+        assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text(), name
+    assert run_rows(tmp_path / "one")[0] == run_rows(tmp_path / "two")[0]  # log.csv, timings aside
+    one, two = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two"))
+    assert one["ranking"] == two["ranking"] and one["scoring_edges_per_block"] == two["scoring_edges_per_block"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fake.csv", "one", "stop.py", "two"]  # nothing else
 
 
 def test_close_py_alone_asks_for_nb201_api_slim(tmp_path):
