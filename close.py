@@ -72,8 +72,7 @@ class Config:
     population: int = option(50, "population of the evolutionary search")
     tournament: int = option(10, "tournament size of the evolutionary search")
     nb201: str = option("", "NB201 ground truth for the ranking metrics (see nb201_api_slim.py)")
-    out: str = option("", "output folder (default: runs/<kind>-<data>-C<channels>x<cells>-"
-                      "<epochs>ep-seed<seed>)")
+    out: str = option("", "output folder (default: a new folder in runs/ named by the options)")
 
 
 class UsageError(Exception):
@@ -660,9 +659,10 @@ def train(model, data, cfg, state, epoch_done=lambda finished: None):
             state.optimizer, state.scheduler = make_optimizer(model, cfg)
         started, lr = time.monotonic(), state.optimizer.param_groups[0]["lr"]
         finished = train_epoch(model, state.optimizer, data, cfg)
-        state.scheduler.step(sum(finished["losses"].tolist()) / finished["images"])
+        loss = sum(finished["losses"].tolist()) / finished["images"]  # the epoch's mean
+        state.scheduler.step(loss)
         state.epoch = epoch + 1
-        epoch_done(finished | {"lr": lr, "seconds": time.monotonic() - started})
+        epoch_done(finished | {"loss": loss, "lr": lr, "seconds": time.monotonic() - started})
 
 
 # --------------------------------------
@@ -862,8 +862,7 @@ SCORE_FIELDS = ("arch", "oneshot_accuracy", "oneshot_loss", "nb201_accuracy")
 SUMMARY_METRICS = ("kendall_tau", "spearman", "pearson", "P@top1%", "P@top5%", "P@top10%",
                    "P@bottom5%", "BR@5%", "WR@5%")
 STOP_SIGNALS = [signal.SIGINT]  # the command line adds SIGTERM; a library keeps its own
-# Under torchrun rank 0 trains while the others wait; all score a share of the archs; rank 0
-# gathers the scores, searches, and alone prints and writes.
+# Under torchrun, rank 0 trains; all ranks score; rank 0 gathers, searches, prints and writes.
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
@@ -1032,8 +1031,7 @@ def fit(model, data, cfg, out):
         print(f"resumed after epoch {state.epoch}")
 
     def epoch_done(finished):
-        images, seconds = finished["images"], finished["seconds"]
-        loss = sum(finished["losses"].tolist()) / images
+        images, seconds, loss = finished["images"], finished["seconds"], finished["loss"]
         if not math.isfinite(loss):
             raise UsageError(f"the training loss became non-finite in epoch {state.epoch}; the "
                              f"checkpoint keeps the last good one")
@@ -1072,7 +1070,7 @@ def from_rank0(value):
 
 
 def fit_on_rank0(model, data, cfg, out):
-    """fit() on rank 0, whose weights the other ranks then take (or its stop)."""
+    """fit() on rank 0; the other ranks take its weights (or its stop)."""
     weights = log = None
     with StopRequest() if RANK else contextlib.nullcontext():  # rank 0 answers a stop
         try:
@@ -1089,8 +1087,8 @@ def fit_on_rank0(model, data, cfg, out):
 
 
 def score_archs(model, images, labels, cfg, archs, path):
-    """One-shot scores, appended to `path` in order; a stopped run's rows are reused. Rank r scores
-    archs r, r + WORLD, ...; rank 0 writes them; a stop ends all ranks after the same arch."""
+    """One-shot scores, appended to `path` in order (a stopped run's are reused). Rank r scores
+    archs r, r + WORLD, ...; a stop ends all ranks after the same arch."""
     scores = {}
     if RANK == 0:
         lines = path.read_text().splitlines(keepends=True) if path.exists() else []
@@ -1260,8 +1258,8 @@ def plot_run(out):
 
 def benchmark(cfg, steps, rounds=5):
     """ms per training step, vanilla vs CLOSENet at each level (the same 8 archs and batch), by
-    torch.utils.benchmark (warm-up, CUDA synchronised). The configurations take turns in each
-    round, so drift hits all alike; each figure is the median of the rounds."""
+    torch.utils.benchmark (warm-up, CUDA synchronised): the median of 5 rounds, in each of which
+    the configurations take turns, so that drift hits all alike."""
     from torch.utils.benchmark import Measurement, Timer
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
