@@ -663,8 +663,17 @@ def test_the_python_api_scores_an_arch_as_the_command_line_does(tmp_path):
         assert scored == (float(row["oneshot_accuracy"]), float(row["oneshot_loss"]))
 
 
+@pytest.fixture
+def ctrl_c_interrupts():
+    """Ctrl-C raises KeyboardInterrupt, as in a terminal, also when the suite runs as a background job
+    (a shell starts those with SIGINT ignored, and os.kill(SIGINT) would then do nothing)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("stop_at_call", [1, 3])  # 2 steps per epoch: before any checkpoint, and mid-epoch 2
-def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch, stop_at_call):
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch, stop_at_call, ctrl_c_interrupts):
     # 3 epochs and 3 blocks: epoch 2 (index 1) starts with a growth and the optimizer restart
     args = TINY + ["--epochs", "3", "--blocks", "3"]
     assert close.main(args + ["--out", str(tmp_path / "straight")]) == 0
