@@ -911,8 +911,8 @@ def resolve_device(name):
     try:
         device = torch.device(name)
     except RuntimeError:
-        device = torch.device("meta")
-    if device.type not in ("cpu", "cuda"):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
         raise UsageError(f"--device {name}: unknown device (cpu, cuda, cuda:N or auto)")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise UsageError(f"--device {name}: CUDA is not available here")
@@ -1265,7 +1265,7 @@ def benchmark(cfg, steps, rounds=5):
     torch.manual_seed(cfg.seed)
     with_weights = [arch for arch in unique_archs() if routed_edges(arch)]
     archs = itertools.cycle(random.Random(0).sample(with_weights, 8))
-    data = synthetic_dataset(cfg.batch_size, 4 * cfg.batch_size, seed=cfg.seed).to(device)
+    data = synthetic_dataset(cfg.batch_size, heldout=0, seed=cfg.seed).to(device)
     images = normalize(data.train_images).contiguous(memory_format=MEMORY_FORMAT)
     calls, closenet = {}, CLOSENet(cfg.channels, cfg.cells, cfg.blocks)
     for key in ["vanilla"] + [f"close_level{level}" for level in range(1, cfg.blocks + 1)]:
