@@ -22,6 +22,7 @@ import math
 import operator
 import os
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -234,9 +235,14 @@ def split(images, labels, order, num_classes):
 def cifar10_dataset(root):
     """torchvision's CIFAR-10 train set, split by position as officially (its order is random)."""
     import torchvision
+    root = Path(root)
+    first_new = next((p for p in [*reversed(root.parents), root] if not p.exists()), None)
+    there = set(root.iterdir()) if root.is_dir() else set()
     try:
         train_set = torchvision.datasets.CIFAR10(root, train=True, download=True)
     except (OSError, RuntimeError) as error:  # offline: URLError; a broken archive: RuntimeError
+        for path in [first_new] if first_new else set(root.iterdir()) - there:  # what it created
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
         raise UsageError(f"CIFAR-10 could not be downloaded into {root} "
                          f"({str(error).splitlines()[0]}): use --data FOLDER, --data synthetic, "
                          f"or --data-root DIR") from None
@@ -412,6 +418,7 @@ class Cell(nn.Module):
         self.glow_blocks = nn.ModuleList(GlowBlock(channels) for _ in range(num_blocks))
 
     def forward(self, x, arch, assignment):
+        arch = as_arch(arch)
         live = live_edges(arch)
         nodes = [x]
         for node in (1, 2, 3):
@@ -524,12 +531,14 @@ class CLOSENet(nn.Module):
         """Logits over the active blocks: [6, level] for an arch, [N, 6, level] for a list or a
         long tensor [N, 6]. fp32: bf16 rounds by ~5e-4, above a fresh GATE's arch signal."""
         device = self.gate.edge_src.device
-        if not isinstance(archs, torch.Tensor):
-            single = isinstance(archs, str) or isinstance(archs[0], (int, np.integer))
-            ops = as_arch(archs) if single else [as_arch(arch) for arch in archs]
-            archs = torch.tensor(ops).to(device, non_blocking=True)  # the host does not wait
+        if isinstance(archs, (torch.Tensor, np.ndarray)):
+            archs = archs.tolist()  # checked as any list is
+        first = archs[0] if isinstance(archs, (list, tuple)) and archs else None
+        many = isinstance(first, (str, list, tuple))  # a list of archs, not one arch's ops
+        ops = [as_arch(arch) for arch in archs] if many else as_arch(archs)
+        archs = torch.tensor(ops).to(device, non_blocking=True)  # the host does not wait
         with torch.autocast(device.type, enabled=False):
-            return self.gate(archs.to(device))[..., :self.level]
+            return self.gate(archs)[..., :self.level]
 
     def sharing_assignment(self, arch, eval_gate="sample", seed=0):
         """Vanilla: edge e on block e; level 1: block 0. Training: a straight-through Gumbel draw
@@ -583,6 +592,9 @@ def add_glow_block(model):
     """The next GLOW block, by WIT in place (the optimizer keeps its tensors): its parent's weights
     are added to its fresh init, and its GATE logit row likewise (official). An exact copy would
     silence the GATE: twins give it no gradient at all."""
+    if model.baseline or model.level == model.num_blocks:
+        kind = "a vanilla supernet" if model.baseline else f"all {model.num_blocks} blocks"
+        raise ValueError(f"add_glow_block: no block to add, {kind} already at work")
     new = model.level
     for cell in model.cells():
         parent = cell.glow_blocks[new - 1].parameters()
@@ -595,22 +607,27 @@ def add_glow_block(model):
 # --------------------------------------
 # 5. Training (the official recipe, scaled to --epochs)
 def make_optimizer(model, cfg):
-    """SGD over everything, the GATE included, and the plateau schedule: the official recipe."""
+    """SGD over everything, the GATE included, with the official step rule, and the plateau
+    schedule: the official recipe. The official trainer zeroes gradients but never drops them
+    (torch 1.x), so SGD decays every weight and moves it by momentum at every step, used by this
+    step's arch or not; a step pre-hook does the same here in any loop. A custom optimizer needs
+    `optimizer.register_step_pre_hook(lambda *_: zero_missing_grads(model))` to match."""
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
-    if model.gate is not None:
-        optimizer.register_step_pre_hook(lambda *_: decay_the_idle_gate(model))
+    optimizer.register_step_pre_hook(lambda *_: zero_missing_grads(model))
     patience = max(1, round(30 * cfg.epochs / 1000))  # official: 30 epochs in 1,000
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5,
                                                            patience=patience, threshold=1e-4)
     return optimizer, scheduler
 
 
-def decay_the_idle_gate(model):
-    """At level 1 the GATE is out of the graph and SGD would skip it; the official code decays it
-    all the same, as a zero gradient does."""
-    if model.level == 1:
-        for p in model.gate.parameters():
+def zero_missing_grads(model):
+    """A zero gradient for every parameter of the active supernet that has none: ops the arch does
+    not use, the GATE at level 1. GLOW blocks beyond `level` keep none: they wait for WIT."""
+    waiting = {p for cell in model.cells() for block in cell.glow_blocks[model.level:]
+               for p in block.parameters()}
+    for p in model.parameters():
+        if p.grad is None and p not in waiting:
             p.grad = torch.zeros_like(p)
 
 
@@ -623,7 +640,7 @@ def train_step(model, optimizer, images, labels, arch, grad_clip):
     with autocast(images.device):
         logits = model(images, arch)
     loss = F.cross_entropy(logits.float(), labels)
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=False)  # the official rule: zeroed, never dropped
     loss.backward()
     nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
@@ -681,30 +698,39 @@ def archs_to_score(cfg):
     return unique_archs()
 
 
+@contextlib.contextmanager
+def evaluating(model):
+    """eval() mode (dropout off; BN keeps batch statistics), then the caller's mode again."""
+    training = model.training
+    try:
+        yield model.eval()
+    finally:
+        model.train(training)
+
+
 @torch.no_grad()
 def score_arch(model, arch, images, labels, batch_size, eval_gate="sample", seed=0):
     """One-shot evaluation: accuracy (%) and loss of arch with the supernet's weights, means over
-    batches; dropout off, BN on batch statistics (eval() here does both)."""
-    model.eval()
-    arch = as_arch(arch)
-    assignment = model.sharing_assignment(arch, eval_gate, seed)
-    accuracies, losses = [], []
-    for start in range(0, len(labels), batch_size):
-        x, y = images[start:start + batch_size], labels[start:start + batch_size]
-        with autocast(images.device):
-            logits = model(x, arch, assignment).float()
-        accuracies.append((logits.argmax(1) == y).float().mean() * 100)
-        losses.append(F.cross_entropy(logits, y))
+    batches, in eval() mode (the model returns to the caller's mode)."""
+    arch, accuracies, losses = as_arch(arch), [], []
+    with evaluating(model):
+        assignment = model.sharing_assignment(arch, eval_gate, seed)
+        for start in range(0, len(labels), batch_size):
+            x, y = images[start:start + batch_size], labels[start:start + batch_size]
+            with autocast(images.device):
+                logits = model(x, arch, assignment).float()
+            accuracies.append((logits.argmax(1) == y).float().mean() * 100)
+            losses.append(F.cross_entropy(logits, y))
     return torch.stack(accuracies).mean().item(), torch.stack(losses).mean().item()
 
 
 def edges_per_block(model, archs, cfg):
     """How many routed edges of `archs` each block scores (a collapsed GATE: all on one)."""
-    model.eval()
     blocks = []
-    for arch in archs:
-        assignment = model.sharing_assignment(arch, cfg.eval_gate, cfg.eval_seed)
-        blocks += [assignment.blocks[e] for e in routed_edges(arch)]
+    with evaluating(model):
+        for arch in archs:
+            assignment = model.sharing_assignment(arch, cfg.eval_gate, cfg.eval_seed)
+            blocks += [assignment.blocks[e] for e in routed_edges(arch)]
     return np.bincount(blocks, minlength=model.num_blocks).tolist()
 
 
@@ -722,10 +748,9 @@ def gate_health(model, archs):
         main block (0: collapsed); entropy: of the training draw, over log(level) (1: uniform)."""
     if model.gate is None or model.level == 1:
         return {"spread": None, "off_dominant": None, "entropy": None}
-    training, device = model.training, model.gate.edge_src.device
     routed = torch.tensor([[e in routed_edges(arch) for e in range(len(EDGES))] for arch in archs])
-    logits = model.eval().gate_logits(archs)[routed.to(device)]  # [edges, level]
-    model.train(training)
+    with evaluating(model):
+        logits = model.gate_logits(archs)[routed.to(model.gate.edge_src.device)]  # [edges, level]
     p = logits.softmax(-1)
     entropy = -(p * p.clamp_min(1e-12).log()).sum(-1) / math.log(model.level)
     return {"spread": (logits - logits.mean(-1, keepdim=True)).std(0).mean().item(),
@@ -737,13 +762,12 @@ def describe_gate(health):
     """gate_health in words; '' when no GATE is at work (vanilla, level 1)."""
     if health["spread"] is None:
         return ""
-    verdict = ""
+    verdict = "routes by arch"
     if health["spread"] < 0.05:
-        verdict = " BLIND: routing barely depends on the arch"
+        verdict = "BLIND: its routing barely depends on the arch"
     elif health["off_dominant"] < 0.01:
-        verdict = " COLLAPSED: one block takes every edge"
-    return (f"GATE spread {health['spread']:.2g}, {health['off_dominant']:.0%} off the main "
-            f"block, entropy {health['entropy']:.2f}{verdict}")
+        verdict = "COLLAPSED: one block is the likeliest for every edge"
+    return f"GATE {verdict} (spread {health['spread']:.2g})"
 
 
 def descending_ranks(values):
@@ -898,11 +922,11 @@ def with_progress(items, label, clock=time.monotonic):
         if (now := clock()) - shown > 60 and done < len(items):
             rate, shown = done / (now - started), now
             print(f"{label}: {done:,}/{len(items):,}  {rate:,.2f}/s  "
-                  f"{minutes((len(items) - done) / rate)} left", flush=True)
+                  f"{duration((len(items) - done) / rate)} left", flush=True)
 
 
-def minutes(seconds):
-    return f"{seconds / 60:.1f} min"
+def duration(seconds):
+    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
 
 
 def resolve_device(name):
@@ -968,10 +992,11 @@ def settle_options(cfg, given, resume, load):
 
 
 def claim_out(cfg, resume):
-    """The output folder, never one holding another run (unless resumed)."""
+    """The output folder: new or empty, never one holding a run (unless resumed) or other files."""
     out = Path(cfg.out or default_out(cfg))
-    if (out / "config.json").exists() and not resume:
-        raise UsageError(f"--out {out} already holds a run: --resume it or choose another --out")
+    if not resume and out.is_dir() and any(out.iterdir()):
+        held = "a run: --resume it or" if (out / "config.json").exists() else "other files:"
+        raise UsageError(f"--out {out} already holds {held} choose another --out")
     return out
 
 
@@ -1037,17 +1062,18 @@ def fit(model, data, cfg, out):
                              f"checkpoint keeps the last good one")
         health = gate_health(model, probe_archs())
         log.append({"epoch": state.epoch, "level": model.level, "lr": finished["lr"],
-                    "loss": loss, "accuracy": finished["correct"].item() / images,
+                    "loss": loss, "accuracy": 100 * finished["correct"].item() / images,
                     "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 1),
                     **{f"gate_{key}": value for key, value in health.items()}})
         save_checkpoint(out / "checkpoint.pt", cfg, model, state, log)
         rows = [[row[key] for key in LOG_FIELDS] for row in log]
         write_atomic(out / "log.csv", csv_text(LOG_FIELDS, rows))
         level = "" if model.baseline else f"level {model.level}  "
-        left = minutes(seconds * (cfg.epochs - state.epoch))  # later levels are slower: at least
+        left = seconds * (cfg.epochs - state.epoch)  # later levels are slower: at least this
+        left = f"{duration(left)} left or more  " if left else ""
         print(f"epoch {state.epoch:4d}/{cfg.epochs}  loss {loss:.4f}  acc "
-              f"{log[-1]['accuracy']:6.1%}  lr {finished['lr']:.4g}  {level}{images / seconds:,.0f}"
-              f" img/s  {left} left or more  {describe_gate(health)}", flush=True)
+              f"{log[-1]['accuracy']:5.1f}%  lr {finished['lr']:.4g}  {level}"
+              f"{images / seconds:,.0f} img/s  {left}{describe_gate(health)}", flush=True)
 
     train(model, data, cfg, state, epoch_done)
     return log
@@ -1174,7 +1200,8 @@ def score_rank_search(model, data, cfg, out, truth, times):
                "times": {key: round(value, 1) for key, value in times.items()},
                "scored_archs": len(archs), "mean_oneshot_accuracy": float(np.mean(accuracies)),
                "scoring_edges_per_block": edges_per_block(model, archs, cfg),
-               "gate": gate_health(model, probe_archs()), "heldout_images": len(labels),
+               "gate": gate_health(model, probe_archs()), "eval_gate": cfg.eval_gate,
+               "heldout_images": len(labels),
                "device": str(images.device)}
     write_atomic(out / "metrics.json", json.dumps(results, indent=2))
     print_summary(out, results)
@@ -1193,9 +1220,15 @@ def result_row(arch, scores, truth):
 
 def print_summary(out, results):
     print(f"\n== {results['run']} ({out}) ==")
-    if results["gate"]["spread"] is not None:
-        usage = results["scoring_edges_per_block"]
-        print(f"{describe_gate(results['gate'])}\nscored archs' routed edges per block: {usage}")
+    gate = results["gate"]
+    if gate["spread"] is not None:  # three views of one GATE, which may well disagree
+        draw = "one draw per arch" if results["eval_gate"] == "sample" else "the likeliest block"
+        print(f"{describe_gate(gate)}\n"
+              f"  spread: the std of its logits between archs (under 0.05: blind)\n"
+              f"  likeliest block: the most common one for {1 - gate['off_dominant']:.0%} of the "
+              f"routed edges\n"
+              f"  randomness of a draw: {gate['entropy']:.0%} of a uniform pick (its entropy)\n"
+              f"  scoring ({draw}): routed edges per block {results['scoring_edges_per_block']}")
     print_metrics_table([results])
     if results["search"]:
         search = results["search"]
@@ -1220,9 +1253,10 @@ def print_metrics_table(runs):
     for name in SUMMARY_METRICS if ranked else ():
         rows[name] = [cell((run["ranking"] or {}).get(name)) for run in runs]
     rows["mean one-shot"] = [f"{run['mean_oneshot_accuracy']:.1f}%" for run in runs]
-    rows["search NB201"] = [f"{b['nb201_accuracy']:.2f}%" if b else "-" for b in best]
-    rows["search rank"] = [f"{b['nb201_rank']:,}/6,466" if b else "-" for b in best]
-    rows["train, score"] = [", ".join(minutes(run["times"][key]) for key in ("train_s", "score_s"))
+    if any(best):
+        rows["search NB201"] = [f"{b['nb201_accuracy']:.2f}%" if b else "-" for b in best]
+        rows["search rank"] = [f"{b['nb201_rank']:,}/6,466" if b else "-" for b in best]
+    rows["train, score"] = [", ".join(duration(run["times"][key]) for key in ("train_s", "score_s"))
                             for run in runs]
     width = 2 + max(len(text) for cells in rows.values() for text in cells)
     for name, cells in rows.items():
@@ -1246,8 +1280,12 @@ def plot_run(out):
         return [float(row[key] or "nan") for row in rows]
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    left.scatter(column(scores, "nb201_accuracy"), column(scores, "oneshot_accuracy"), s=8)
-    left.set(xlabel="NB201 accuracy (%)", ylabel="one-shot accuracy (%)", title=out.name)
+    if all(row["nb201_accuracy"] for row in scores):
+        left.scatter(column(scores, "nb201_accuracy"), column(scores, "oneshot_accuracy"), s=8)
+        left.set(xlabel="NB201 accuracy (%)", ylabel="one-shot accuracy (%)", title=out.name)
+    else:  # no ground truth (--nb201): how the one-shot scores spread
+        left.hist(column(scores, "oneshot_accuracy"), bins=30)
+        left.set(xlabel="one-shot accuracy (%)", ylabel="archs", title=f"{out.name} (no --nb201)")
     epochs = column(log, "epoch")
     right.plot(epochs, column(log, "loss"), "o-")
     right.set(xlabel="epoch", ylabel="training loss (curriculum level: dashed)")
@@ -1304,7 +1342,8 @@ def parse_args(argv=None):
         epilog="NB201 files other than the compact CSV are pickles: loading one runs code from "
                "it, so use only files you trust.")
     for option in fields(Config):
-        shown = f" (default: {option.default})" if option.default not in ("", False) else ""
+        hidden = option.default == "" or isinstance(option.default, bool)  # flags, no value
+        shown = "" if hidden else f" (default: {option.default})"
         kind = ({"action": "store_true"} if isinstance(option.default, bool) else
                 {"type": type(option.default), "choices": option.metadata["choices"]})
         parser.add_argument("--" + option.name.replace("_", "-"), default=argparse.SUPPRESS,
@@ -1314,7 +1353,8 @@ def parse_args(argv=None):
             ("--load", "no training: score and search the supernet in CKPT", {"metavar": "CKPT"}),
             ("--compare", "print finished runs' metrics side by side", {"nargs": "+"}),
             ("--plot", "draw RUN/ranking.png (needs matplotlib)", {"metavar": "RUN"}),
-            ("--benchmark", "time training steps and scoring", {"action": "store_true"}),
+            ("--benchmark", "time training steps, vanilla and CLOSENet at each level",
+             {"action": "store_true"}),
             ("--benchmark-steps", "timed calls per configuration and round (default: 4)",
              {"type": int, "default": 4})):
         parser.add_argument(flag, help=text, **kind)

@@ -5,6 +5,7 @@ Run with `python -m pytest -q test_close.py`. The core runs on synthetic data; t
 """
 import bz2
 import csv
+import dataclasses
 import importlib.util
 import json
 import os
@@ -150,13 +151,19 @@ def test_offline_cifar10_download_is_one_line_naming_the_alternatives(tmp_path, 
     import torchvision
     import urllib.error
 
-    def offline(root, train, download):
+    def offline(root, train, download):  # as torchvision does: the folder, a partial archive
         Path(root).mkdir(parents=True, exist_ok=True)
+        (Path(root) / "cifar-10-python.tar.gz").write_bytes(b"partial")
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
-    err = error_line(capsys, TINY[2:] + ["--data", "cifar10", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "run")])
+    root = tmp_path / "data" / "cifar"
+    err = error_line(capsys, TINY[2:] + ["--data", "cifar10", "--data-root", str(root), "--out", str(tmp_path / "run")])
     assert "could not be downloaded" in err and "--data synthetic" in err and "--data-root" in err
-    assert not (tmp_path / "run").exists()
+    assert sorted(tmp_path.iterdir()) == []  # the failed attempt leaves nothing behind
+    root.mkdir(parents=True)
+    (root / "mine.txt").write_text("the user's")  # an existing folder: only what the attempt added goes
+    error_line(capsys, TINY[2:] + ["--data", "cifar10", "--data-root", str(root), "--out", str(tmp_path / "run")])
+    assert [p.name for p in root.iterdir()] == ["mine.txt"]
 
 
 def test_train_subset_is_seeded_and_keeps_the_heldout_split():
@@ -274,9 +281,13 @@ def test_an_arch_string_means_the_same_network_everywhere(level):
         assert close.score_arch(net, BEST_CIFAR10, images, labels, 8) == close.score_arch(net, list(close.str_to_arch(BEST_CIFAR10)), images, labels, 8)
         assert not torch.equal(net(images, BEST_CIFAR10), net(images, (close.AVG_POOL,) * 6))
     assert close.canonical(BEST_CIFAR10) == close.canonical(close.str_to_arch(BEST_CIFAR10))
+    cell, x = model.cells()[0], model.stem(images)  # a piece on its own reads the arch alike
+    assignment = model.sharing_assignment(BEST_CIFAR10)
+    assert torch.equal(cell(x, BEST_CIFAR10, assignment), cell(x, close.str_to_arch(BEST_CIFAR10), assignment))
     for bad in ("|nor_conv_3x3~0|", (3, 3, 3), (3, 3, 3, 1, 3, 7), (3, 3, 3, 1, 3, True), 42):
-        with pytest.raises(ValueError, match="not an NB201 architecture"):
-            model(images, bad)
+        for call in (lambda: model(images, bad), lambda: cell(x, bad, assignment)):
+            with pytest.raises(ValueError, match="not an NB201 architecture"):
+                call()
 
 
 @pytest.mark.parametrize("level", [1, 2, 3, 4, 5])
@@ -365,8 +376,30 @@ def test_gate_input_is_built_from_any_form_of_the_arch():
     assert many.shape == (3, 6, 3) and torch.equal(many[0], many[2])
     assert torch.allclose(many[0], one, rtol=1e-5, atol=1e-7)  # batched: rounding may differ
     assert torch.equal(model.gate_logits(torch.tensor([arch, (0,) * 6])), many[:2])
-    with pytest.raises(ValueError, match="not an NB201 architecture"):
-        model.gate_logits((3, 3, 3))
+    for bad in ((3, 3, 3), torch.tensor([3, 3, 3]), torch.tensor([[3, 3, 3, 1, 3, 9]]), torch.tensor(arch).float(),
+                torch.tensor(arch) > 0, torch.zeros(2, 2, 6, dtype=torch.long), torch.zeros(0, 6, dtype=torch.long), []):
+        with pytest.raises(ValueError, match="not an NB201 architecture"):
+            model.gate_logits(bad)
+
+
+def test_scoring_leaves_the_model_in_the_callers_mode():
+    torch.manual_seed(0)
+    model = grown(close.CLOSENet(channels=4, cells=1, num_blocks=3), 2)
+    images, labels = small_batch()
+    for training in (True, False):
+        model.train(training)
+        close.score_arch(model, BEST_CIFAR10, images, labels, 8)
+        close.edges_per_block(model, [BEST_CIFAR10], close.Config())
+        close.gate_health(model, [BEST_CIFAR10])
+        assert all(m.training == training for m in model.modules())
+
+
+def test_adding_a_block_beyond_the_pool_is_a_clear_error():
+    model = grown(close.CLOSENet(channels=4, cells=1, num_blocks=2), 2)
+    with pytest.raises(ValueError, match="no block to add, all 2 blocks already at work"):
+        close.add_glow_block(model)
+    with pytest.raises(ValueError, match="no block to add, a vanilla supernet"):
+        close.add_glow_block(close.CLOSENet(channels=4, cells=1, baseline=True))
 
 
 def test_a_parameter_free_op_has_no_glow_weights():
@@ -463,25 +496,66 @@ def test_training_draws_from_the_unique_archs(monkeypatch):
     assert 2300 < len(set(drawn)) < 2530
 
 
-def test_the_gate_is_decayed_at_level_one_in_any_training_loop():
+def test_the_official_step_decays_every_active_weight_used_or_not_in_any_training_loop():
     torch.manual_seed(0)
-    model = close.CLOSENet(channels=4, cells=1, num_blocks=3)
+    model = grown(close.CLOSENet(channels=4, cells=1, num_blocks=3), 2)
     cfg = close.Config()
     optimizer, _ = close.make_optimizer(model, cfg)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [cfg.weight_decay]  # one decay for all
-    before = [p.clone() for p in model.gate.parameters()]
+    blocks = [cell.glow_blocks for cell in model.cells()]
+    unused = [b[i].conv1x1.weight for b in blocks for i in (0, 1)]  # the arch has no nor_conv_1x1
+    waiting = [p for b in blocks for p in b[2].parameters()]  # beyond the level: wait to grow
+    before = [p.clone() for p in unused + waiting]
     images, labels = small_batch()
-    for _ in range(2):  # a plain loop of the user's own, not train_step
-        optimizer.zero_grad()
-        F.cross_entropy(model(images, (3,) * 6), labels).backward()
-        optimizer.step()
-    # level 1: the GATE is out of the graph, so only weight decay (with momentum) moves it
-    shrink = (1 - cfg.lr * cfg.weight_decay) * (1 - cfg.lr * cfg.weight_decay) - cfg.lr * cfg.momentum * cfg.weight_decay
-    for a, b in zip(before, model.gate.parameters()):
-        assert torch.allclose(b, a * shrink, rtol=1e-5, atol=1e-9)
-    close.add_glow_block(model)
-    close.train_step(model, optimizer, images, labels, (3,) * 6, 5.0)
-    assert any(p.grad.any() for p in model.gate.parameters())  # from level 2 on, the GATE learns
+    optimizer.zero_grad()  # a plain loop of the user's own, with torch's default (set_to_none)
+    F.cross_entropy(model(images, (3,) * 6), labels).backward()
+    assert all(p.grad is None for p in unused + waiting)
+    optimizer.step()
+    shrink = 1 - cfg.lr * cfg.weight_decay  # a zero gradient: the first step is weight decay alone
+    for p, old in zip(unused, before):
+        assert torch.allclose(p, old * shrink, rtol=1e-6, atol=0) and not torch.equal(p, old)
+    assert all(p.grad is None and torch.equal(p, old) for p, old in zip(waiting, before[len(unused):]))
+
+
+def test_train_step_is_the_official_step_bit_for_bit():
+    """The official trainer (torch 1.x): gradients zeroed in place, never dropped, so every weight
+    that has had one keeps being decayed and moved by momentum; oracle: a plain SGD loop whose
+    active parameters all start with a zero gradient."""
+    archs = [(3, 0, 0, 3, 0, 0), (2, 1, 4, 0, 2, 3), (4, 4, 4, 4, 4, 4), (3, 3, 3, 1, 3, 2)]
+    images, labels = small_batch()
+    cfg = close.Config()
+
+    def train(level, official, zero_grad_to_none=False):
+        torch.manual_seed(0)
+        model = grown(close.CLOSENet(channels=4, cells=1, num_blocks=3), level)
+        if official:
+            optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                        weight_decay=cfg.weight_decay)
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p)
+            for cell in model.cells():
+                for p in cell.glow_blocks[level:].parameters():
+                    p.grad = None  # blocks beyond the level are out of the official graph
+        else:
+            optimizer, _ = close.make_optimizer(model, cfg)
+        for step, arch in enumerate(archs):
+            torch.manual_seed(step)  # the same dropout and Gumbel draws in both loops
+            if official:
+                loss = F.cross_entropy(model(images, arch), labels)
+                optimizer.zero_grad(set_to_none=zero_grad_to_none)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+            else:
+                close.train_step(model, optimizer, images, labels, arch, cfg.grad_clip)
+        return [p.detach().clone() for p in model.parameters()]
+
+    for level in (1, 2):  # level 1: the GATE is decayed although it is out of the graph
+        ours, official = train(level, False), train(level, True)
+        assert all(torch.equal(a, b) for a, b in zip(ours, official))
+    # torch 2's default, set_to_none, is another rule: unused weights escape the decay
+    other = train(2, True, zero_grad_to_none=True)
+    assert not all(torch.equal(a, b) for a, b in zip(train(2, False), other))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -828,6 +902,17 @@ def test_an_out_folder_holding_a_run_is_protected(tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_an_out_folder_of_other_files_is_refused_untouched(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "scores.csv").write_text("the user's own scores")
+    err = error_line(capsys, TINY + ["--epochs", "1", "--blocks", "1", "--out", str(out)])
+    assert "already holds other files" in err
+    assert [(p.name, p.read_text()) for p in out.iterdir()] == [("scores.csv", "the user's own scores")]
+    (out / "scores.csv").unlink()  # an empty folder is fine
+    assert close.main(TINY + ["--epochs", "1", "--blocks", "1", "--search-budget", "0", "--out", str(out)]) == 0
+
+
 def test_an_occupied_out_is_reported_before_the_data_is_read(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     assert close.main(TINY + ["--epochs", "1", "--blocks", "1", "--search-budget", "0", "--out", str(out)]) == 0
@@ -847,6 +932,14 @@ def test_summary_and_compare_say_what_their_numbers_are(tmp_path, capsys):
     assert close.main(TINY + ["--epochs", "2", "--blocks", "2", "--nb201", str(nb201), "--out", str(long_name)]) == 0
     printed = capsys.readouterr().out
     assert f"== {long_name.name} (" in printed and "/6,466" in printed and "P@top/bottom K:" in printed
+    epochs = [line for line in printed.splitlines() if line.startswith("epoch ")]
+    log = list(csv.DictReader(open(long_name / "log.csv")))
+    assert [f"acc {float(row['accuracy']):5.1f}%" in line for row, line in zip(log, epochs)] == [True, True]  # percent
+    assert " left or more" in epochs[0] and " left" not in epochs[1] and "0.0 min" not in printed
+    gate = json.loads((long_name / "metrics.json").read_text())["gate"]  # the GATE's numbers, each in words
+    assert f"likeliest block: the most common one for {1 - gate['off_dominant']:.0%} of the routed edges" in printed
+    assert f"randomness of a draw: {gate['entropy']:.0%} of a uniform pick" in printed
+    assert "scoring (one draw per arch): routed edges per block [" in printed
     plotting = importlib.util.find_spec("matplotlib") is not None
     assert "no ranking.png" in printed or plotting
     if plotting:  # ranking.png can be drawn again from the finished folder
@@ -859,13 +952,27 @@ def test_summary_and_compare_say_what_their_numbers_are(tmp_path, capsys):
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == [long_name.name] * 2 and table[1].split()[0] == "kendall_tau"
     assert any(line.startswith("mean one-shot") for line in table) and any(line.startswith("search rank") for line in table)
+    assert close.main(TINY + ["--epochs", "1", "--blocks", "1", "--out", str(tmp_path / "no-truth")]) == 0
+    printed = capsys.readouterr().out  # without --nb201: no rows of "-" for what was not measured
+    assert "search rank" not in printed and "search NB201" not in printed and "kendall_tau" not in printed
+    assert "mean one-shot" in printed and "search (16 evaluations) found" in printed
+
+
+def test_help_shows_every_default_and_says_what_benchmark_times(capsys):
+    with pytest.raises(SystemExit):
+        close.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option in dataclasses.fields(close.Config):  # zeros too: --seed, --eval-seed, --eval-archs
+        if option.default != "" and not isinstance(option.default, bool):
+            assert f"{' '.join(option.metadata['help'].split())} (default: {option.default})" in text
+    assert "time training steps, vanilla and CLOSENet at each level" in text and "scoring" not in text.split("--benchmark ")[1][:80]
 
 
 def test_progress_line_once_a_minute(capsys):
     clock = iter([0.0, 20.0, 40.0, 80.0, 100.0, 120.0]).__next__  # at the start and after each item
     assert list(close.with_progress(range(5), "scoring", clock)) == list(range(5))
     # after item 3 (80 s: over a minute) 3 done at 0.0375/s, 2 left: 53 s; none after the last
-    assert capsys.readouterr().out.splitlines() == ["scoring: 3/5  0.04/s  0.9 min left"]
+    assert capsys.readouterr().out.splitlines() == ["scoring: 3/5  0.04/s  53 s left"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -874,9 +981,17 @@ def test_progress_line_once_a_minute(capsys):
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # as torch.set_num_threads(1) above, for a child process
 
 
-def test_cli_error_exit_code_in_a_subprocess_and_benchmark(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "close.py"), "--data", "synthetic", "--epochs", "1", "--blocks", "5",
-                             "--out", str(tmp_path / "x")], capture_output=True, text=True, env=ONE_THREAD)
+def test_cli_error_exit_code_in_a_subprocess_and_benchmark(tmp_path, monkeypatch):
+    # A child started in a folder that no longer exists dies in `import torch` ("oneMKL FATAL ERROR:
+    # Cannot load libtorch_cpu.so"), as when the suite's folder is removed while it runs: every child
+    # here gets a folder of its own (cwd), and this test runs from a removed one to prove it.
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    with monkeypatch.context() as here:
+        here.chdir(gone)
+        gone.rmdir()
+        result = subprocess.run([sys.executable, str(ROOT / "close.py"), "--data", "synthetic", "--epochs", "1", "--blocks",
+                                 "5", "--out", str(tmp_path / "x")], capture_output=True, text=True, env=ONE_THREAD, cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.startswith("close.py: error:") and "Traceback" not in result.stderr
     assert close.main(["--benchmark", "--device", "cpu", "--cells", "1", "--channels", "4", "--blocks", "2", "--batch-size", "8",
                        "--benchmark-steps", "1", "--out", str(tmp_path)]) == 0
