@@ -2,9 +2,9 @@
 
 Sections 1-7 are the method in the paper's order; 8-9 are the program around it.
 
-    python close.py --epochs 250 --device cuda              # train, score all 6,466 archs, search
-    python close.py --baseline --epochs 250 --device cuda   # the vanilla one-shot supernet
-    python close.py --data synthetic --epochs 5 --cells 1   # everything, offline, in seconds
+    python close.py --epochs 250 --device cuda  # train, score all 6,466 archs, search
+    python close.py --baseline --epochs 250 --device cuda  # the vanilla one-shot supernet
+    python close.py --data synthetic --epochs 5 --cells 1  # everything, offline, in seconds
 """
 from __future__ import annotations
 
@@ -204,8 +204,8 @@ HELDOUT_FRACTION = 0.2  # CIFAR-10: 40,000 images train the supernet, 10,000 sco
 
 @dataclass
 class Dataset:
-    train_images: torch.Tensor    # uint8 [N, 3, 32, 32]
-    train_labels: torch.Tensor    # int64 [N]
+    train_images: torch.Tensor  # uint8 [N, 3, 32, 32]
+    train_labels: torch.Tensor  # int64 [N]
     heldout_images: torch.Tensor  # uint8 [M, 3, 32, 32]
     heldout_labels: torch.Tensor
     num_classes: int
@@ -252,8 +252,8 @@ def cifar10_dataset(root):
 
 
 def image_folder_dataset(path, seed=0):
-    """An image-folder tree PATH/train/<class>/*, split by a seeded shuffle: ImageFolder lists
-    files class by class, so a split by position would hold out whole classes."""
+    """An image-folder tree PATH/train/<class>/*, split by a seeded shuffle (ImageFolder lists
+    files class by class)."""
     import torchvision
     from torchvision.transforms.v2.functional import pil_to_tensor, resize
     root = Path(path) / "train"
@@ -302,10 +302,10 @@ def augment(images):
     offset_y, offset_x = torch.randint(0, 9, (2, batch, 1), device=device)
     flip = torch.rand(batch, 1, device=device) < 0.5
     pixels = torch.arange(32, device=device)
-    rows = offset_y + pixels                                          # [B, 32]
-    cols = offset_x + torch.where(flip, 31 - pixels, pixels)          # [B, 32], reversed if flipped
+    rows = offset_y + pixels  # [B, 32]
+    cols = offset_x + torch.where(flip, 31 - pixels, pixels)  # [B, 32], reversed if flipped
     index = torch.arange(batch, device=device)[:, None, None]
-    out = padded[index, :, rows[:, :, None], cols[:, None, :]]        # [B, 32, 32, C]
+    out = padded[index, :, rows[:, :, None], cols[:, None, :]]  # [B, 32, 32, C]
     return out.permute(0, 3, 1, 2)
 
 
@@ -332,10 +332,10 @@ def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def batch_norm(channels, affine=True):
+def batch_norm(channels):
     # Archs are scored with batch statistics (the one-shot protocol): running statistics would
     # never be read, so none are kept, and eval() mode uses batch statistics too.
-    return nn.BatchNorm2d(channels, affine=affine, track_running_stats=False)
+    return nn.BatchNorm2d(channels, track_running_stats=False)
 
 
 def relu_conv_bn(x, weight):
@@ -376,10 +376,10 @@ def glow_op(x, op, edge, glow_blocks, assignment):
     fused forward-only conv. Equal to the plain sum, gradients included (tested)."""
     if assignment.gate is None:
         return relu_conv_bn(x, glow_blocks[assignment.blocks[edge]].weight(op))
-    gate = assignment.gate[edge]                                    # [level]
+    gate = assignment.gate[edge]  # [level]
     level = gate.shape[0]
     weights = torch.stack([block.weight(op) for block in glow_blocks[:level]])
-    chosen = assignment.blocks[edge].view(1)                        # on the device: no host sync
+    chosen = assignment.blocks[edge].view(1)  # on the device: no host sync
     out = gate.index_select(0, chosen) * relu_conv_bn(x, weights.index_select(0, chosen)[0])
     if level > 1:
         others = (chosen + torch.arange(1, level, device=chosen.device)) % level
@@ -463,8 +463,8 @@ class Gate(nn.Module):
         self.input_node_embedding = nn.Parameter(torch.randn(embedding))
         self.lift = nn.Linear(embedding, hidden)
         widths = (hidden,) + tuple(graph_layers)
-        pairs = list(zip(widths, widths[1:]))
-        self.messages = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in pairs)
+        self.messages = nn.ModuleList(nn.Linear(a, b, bias=False)
+                                      for a, b in zip(widths, widths[1:]))
         self.attention = nn.ModuleList(nn.Linear(embedding, b) for b in widths[1:])
         self.mlp = nn.Sequential(
             nn.Linear(2 * widths[-1], mlp), nn.ReLU(), nn.Dropout(dropout),
@@ -478,26 +478,19 @@ class Gate(nn.Module):
         """archs: long tensor [..., 6] -> logits [..., 6, num_blocks]."""
         op_matrix = archs.new_zeros(*archs.shape[:-1], 4, 4)
         op_matrix[..., self.edge_dst, self.edge_src] = archs
-        op_features = self.op_embedding(op_matrix)                    # [..., to, from, embedding]
+        op_features = self.op_embedding(op_matrix)  # [..., to, from, embedding]
         is_edge = (op_matrix != NONE).unsqueeze(-1)
         nodes = F.pad(self.input_node_embedding[None], (0, 0, 0, 3))
         h = self.lift(nodes).expand(*archs.shape[:-1], 4, -1)
         for layer, (message, attention) in enumerate(zip(self.messages, self.attention)):
-            support = message(h)                                      # [..., node, width]
-            att = torch.sigmoid(attention(op_features)) * is_edge     # [..., to, from, width]
+            support = message(h)  # [..., node, width]
+            att = torch.sigmoid(attention(op_features)) * is_edge  # [..., to, from, width]
             h_next = torch.einsum("...ijw,...jw->...iw", att, support)
             # node 0 has no incoming edge: it keeps its own message
             h = torch.cat([h_next[..., :1, :] + support[..., :1, :], h_next[..., 1:, :]], dim=-2)
             if layer < len(self.messages) - 1:
                 h = F.relu(h)
         return self.mlp(torch.cat([h[..., self.edge_src, :], h[..., self.edge_dst, :]], dim=-1))
-
-    @torch.no_grad()
-    def grow(self, new):
-        """WIT for the GATE (official): block `new`'s logit row gets its parent's row added."""
-        last = self.mlp[-1]
-        last.weight[new] += last.weight[new - 1]
-        last.bias[new] += last.bias[new - 1]
 
 
 GUMBEL_TEMPERATURE = 5.0  # official; the forward draw is argmax(logits + Gumbel) whatever it is
@@ -536,14 +529,14 @@ class CLOSENet(nn.Module):
         first = archs[0] if isinstance(archs, (list, tuple)) and archs else None
         many = isinstance(first, (str, list, tuple))  # a list of archs, not one arch's ops
         ops = [as_arch(arch) for arch in archs] if many else as_arch(archs)
-        archs = torch.tensor(ops).to(device, non_blocking=True)  # the host does not wait
+        archs = torch.tensor(ops).to(device, non_blocking=True)  # no host sync on CUDA
         with torch.autocast(device.type, enabled=False):
             return self.gate(archs)[..., :self.level]
 
     def sharing_assignment(self, arch, eval_gate="sample", seed=0):
         """Vanilla: edge e on block e; level 1: block 0. Training: a straight-through Gumbel draw
-        from the GATE. Scoring (eval mode), as officially and on the command line: a draw seeded
-        by `seed` and the arch (the same in any order), or eval_gate='argmax'."""
+        from the GATE. Scoring (eval mode), as officially: a draw seeded by `seed` and the arch
+        (the same in any order), or eval_gate='argmax'."""
         if self.baseline:
             return SharingAssignment(blocks=list(range(len(EDGES))))
         if self.level == 1:
@@ -592,26 +585,24 @@ def add_glow_block(model):
     """The next GLOW block, by WIT in place (the optimizer keeps its tensors): its parent's weights
     are added to its fresh init, and its GATE logit row likewise (official). An exact copy would
     silence the GATE: twins give it no gradient at all."""
-    if model.baseline or model.level == model.num_blocks:
-        kind = "a vanilla supernet" if model.baseline else f"all {model.num_blocks} blocks"
-        raise ValueError(f"add_glow_block: no block to add, {kind} already at work")
+    if model.level == model.num_blocks:  # vanilla too
+        raise ValueError(f"add_glow_block: all {model.num_blocks} blocks are at work already")
     new = model.level
     for cell in model.cells():
         parent = cell.glow_blocks[new - 1].parameters()
         for inherited, weight in zip(cell.glow_blocks[new].parameters(), parent):
             inherited.add_(weight)
-    model.gate.grow(new)
+    for row in (model.gate.mlp[-1].weight, model.gate.mlp[-1].bias):  # the GATE's logit row
+        row[new] += row[new - 1]
     model.level = new + 1
 
 
 # --------------------------------------
 # 5. Training (the official recipe, scaled to --epochs)
 def make_optimizer(model, cfg):
-    """SGD over everything, the GATE included, with the official step rule, and the plateau
-    schedule: the official recipe. The official trainer zeroes gradients but never drops them
-    (torch 1.x), so SGD decays every weight and moves it by momentum at every step, used by this
-    step's arch or not; a step pre-hook does the same here in any loop. A custom optimizer needs
-    `optimizer.register_step_pre_hook(lambda *_: zero_missing_grads(model))` to match."""
+    """The official recipe: SGD over everything, the GATE included, and the plateau schedule.
+    Officially gradients are zeroed, never dropped, so SGD decays every active weight at every
+    step, used or not; a step pre-hook does so in any loop (a custom optimizer needs it too)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     optimizer.register_step_pre_hook(lambda *_: zero_missing_grads(model))
@@ -622,10 +613,9 @@ def make_optimizer(model, cfg):
 
 
 def zero_missing_grads(model):
-    """A zero gradient for every parameter of the active supernet that has none: ops the arch does
-    not use, the GATE at level 1. GLOW blocks beyond `level` keep none: they wait for WIT."""
-    waiting = {p for cell in model.cells() for block in cell.glow_blocks[model.level:]
-               for p in block.parameters()}
+    """A zero gradient for each active parameter without one (ops the arch skips, the GATE at
+    level 1); blocks beyond `level` wait untouched for WIT."""
+    waiting = {p for cell in model.cells() for p in cell.glow_blocks[model.level:].parameters()}
     for p in model.parameters():
         if p.grad is None and p not in waiting:
             p.grad = torch.zeros_like(p)
@@ -648,8 +638,8 @@ def train_step(model, optimizer, images, labels, arch, grad_clip):
 
 
 def train_epoch(model, optimizer, data, cfg):
-    """One pass, one uniformly drawn unique arch per step (de-isomorphic sampling). The losses and
-    correct predictions stay on the device: nothing is read back to the host inside the pass."""
+    """One pass, one uniformly drawn unique arch per step (de-isomorphic sampling); nothing is read
+    back to the host inside the pass."""
     model.train()
     archs, device, count = unique_archs(), data.train_labels.device, len(data.train_labels)
     order, steps = torch.randperm(count, device=device), math.ceil(count / cfg.batch_size)
@@ -668,7 +658,7 @@ def train_epoch(model, optimizer, data, cfg):
 
 def train(model, data, cfg, state, epoch_done=lambda finished: None):
     """CLOSE's schedule: each epoch, grow the pool to the curriculum level (WIT), restart the
-    optimizer at 40%, make one pass, step the plateau scheduler on the epoch's mean loss."""
+    optimizer at 40%, make one pass, step the plateau scheduler on the mean loss."""
     for epoch in range(state.epoch, cfg.epochs):
         while model.level < curriculum_level(epoch, cfg.epochs, model.num_blocks):
             add_glow_block(model)
@@ -700,7 +690,7 @@ def archs_to_score(cfg):
 
 @contextlib.contextmanager
 def evaluating(model):
-    """eval() mode (dropout off; BN keeps batch statistics), then the caller's mode again."""
+    """eval() mode (dropout off, BN on batch statistics), then the caller's mode again."""
     training = model.training
     try:
         yield model.eval()
@@ -742,10 +732,9 @@ def probe_archs():
 
 @torch.no_grad()
 def gate_health(model, archs):
-    """Does the GATE route by arch? Over the routed edges of `archs`, on the active blocks:
-    spread: std over edges of the logits centred per edge, mean over blocks (under 0.05 no
-        block's odds move by over ~5% between archs); off_dominant: share of edges not on the
-        main block (0: collapsed); entropy: of the training draw, over log(level) (1: uniform)."""
+    """Does the GATE route by arch? Over the routed edges of `archs`: spread, the std of the
+    logits centred per edge (under 0.05 no block's odds move by 5% between archs); off_dominant,
+    the edges not on the likeliest block (0: collapsed); entropy of a draw / log(level)."""
     if model.gate is None or model.level == 1:
         return {"spread": None, "off_dominant": None, "entropy": None}
     routed = torch.tensor([[e in routed_edges(arch) for e in range(len(EDGES))] for arch in archs])
@@ -766,7 +755,7 @@ def describe_gate(health):
     if health["spread"] < 0.05:
         verdict = "BLIND: its routing barely depends on the arch"
     elif health["off_dominant"] < 0.01:
-        verdict = "COLLAPSED: one block is the likeliest for every edge"
+        verdict = "COLLAPSED: one block is likeliest for every edge"
     return f"GATE {verdict} (spread {health['spread']:.2g})"
 
 
@@ -840,8 +829,7 @@ def mutate(arch, rng):
 
 def regularized_evolution(fitness, budget, population_size=50, tournament_size=10, seed=0):
     """Age-regularized evolution: the tournament winner's mutant joins, the oldest member leaves;
-    `budget` counts calls of `fitness`. Its own random stream: seeded like --eval-archs, it would
-    start from the scored archs."""
+    `budget` counts calls of `fitness`. Its own random stream, not --eval-archs' one."""
     rng = random.Random(f"regularized-evolution-{seed}")
     history, population = [], []
 
@@ -870,8 +858,7 @@ def search_with_supernet(model, images, labels, cfg, scores):
     best, _, history = regularized_evolution(fitness, cfg.search_budget, cfg.population,
                                              cfg.tournament, cfg.seed)
     return {"best": best, "budget": cfg.search_budget,
-            "unique_evaluated": len({a for a, _ in history}),
-            "population": cfg.population, "tournament": cfg.tournament}
+            "unique_evaluated": len({a for a, _ in history})}
 
 
 # --------------------------------------
@@ -967,7 +954,7 @@ def default_out(cfg):
 
 def settle_options(cfg, given, resume, load):
     """A resumed or loaded run takes the run's options but those typed now (`given`), which may not
-    change the trained supernet. Returns them and, for --load, the checkpoint."""
+    change the supernet. Returns them and, for --load, the checkpoint."""
     checkpoint, fixed = None, RUN_OPTIONS + ("eval_batches", "eval_gate")
     if load:
         checkpoint, fixed = load_checkpoint(load), MODEL_OPTIONS
@@ -1042,7 +1029,7 @@ def load_checkpoint(path, device="cpu"):
 
 def fit(model, data, cfg, out):
     """train() with a checkpoint, a log.csv row and a line after every epoch; resumes after the
-    last (a stop loses the epoch under way, which --resume repeats exactly)."""
+    last (--resume repeats the epoch a stop cut short)."""
     state, log = TrainingState(*make_optimizer(model, cfg)), []
     if (out / "checkpoint.pt").exists():
         saved = load_checkpoint(out / "checkpoint.pt", data.train_images.device)
@@ -1080,8 +1067,8 @@ def fit(model, data, cfg, out):
 
 
 def start_ranks(cfg):
-    """gloo (CPU messages: ranks may share a GPU), timing out after the longest training; rank r
-    on cuda:(LOCAL_RANK mod GPUs), or on its share of the cores."""
+    """gloo (ranks may share a GPU), timing out after the longest training; rank r on
+    cuda:(LOCAL_RANK mod GPUs), or on its share of the cores."""
     dist.init_process_group("gloo", timeout=datetime.timedelta(days=30))
     local, ranks_here = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
     if cfg.device in ("auto", "cuda") and torch.cuda.is_available():
@@ -1200,8 +1187,7 @@ def score_rank_search(model, data, cfg, out, truth, times):
                "times": {key: round(value, 1) for key, value in times.items()},
                "scored_archs": len(archs), "mean_oneshot_accuracy": float(np.mean(accuracies)),
                "scoring_edges_per_block": edges_per_block(model, archs, cfg),
-               "gate": gate_health(model, probe_archs()), "eval_gate": cfg.eval_gate,
-               "heldout_images": len(labels),
+               "gate": gate_health(model, probe_archs()), "heldout_images": len(labels),
                "device": str(images.device)}
     write_atomic(out / "metrics.json", json.dumps(results, indent=2))
     print_summary(out, results)
@@ -1221,14 +1207,11 @@ def result_row(arch, scores, truth):
 def print_summary(out, results):
     print(f"\n== {results['run']} ({out}) ==")
     gate = results["gate"]
-    if gate["spread"] is not None:  # three views of one GATE, which may well disagree
-        draw = "one draw per arch" if results["eval_gate"] == "sample" else "the likeliest block"
-        print(f"{describe_gate(gate)}\n"
-              f"  spread: the std of its logits between archs (under 0.05: blind)\n"
-              f"  likeliest block: the most common one for {1 - gate['off_dominant']:.0%} of the "
-              f"routed edges\n"
-              f"  randomness of a draw: {gate['entropy']:.0%} of a uniform pick (its entropy)\n"
-              f"  scoring ({draw}): routed edges per block {results['scoring_edges_per_block']}")
+    if gate["spread"] is not None:
+        print(f"{describe_gate(gate)}: the std of its logits between archs, under 0.05 is blind\n"
+              f"  its likeliest block: one block for {1 - gate['off_dominant']:.0%} of the edges\n"
+              f"  its draws: {gate['entropy']:.0%} as random as a uniform pick (entropy)\n"
+              f"  scoring (--eval-gate): edges per block {results['scoring_edges_per_block']}")
     print_metrics_table([results])
     if results["search"]:
         search = results["search"]
@@ -1277,15 +1260,15 @@ def plot_run(out):
     log = list(csv.DictReader(open(out / "log.csv"))) if (out / "log.csv").exists() else []
 
     def column(rows, key):
-        return [float(row[key] or "nan") for row in rows]
+        return [float(row[key]) for row in rows]
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     if all(row["nb201_accuracy"] for row in scores):
         left.scatter(column(scores, "nb201_accuracy"), column(scores, "oneshot_accuracy"), s=8)
         left.set(xlabel="NB201 accuracy (%)", ylabel="one-shot accuracy (%)", title=out.name)
-    else:  # no ground truth (--nb201): how the one-shot scores spread
+    else:  # no --nb201: how the one-shot scores spread
         left.hist(column(scores, "oneshot_accuracy"), bins=30)
-        left.set(xlabel="one-shot accuracy (%)", ylabel="archs", title=f"{out.name} (no --nb201)")
+        left.set(xlabel="one-shot accuracy (%)", ylabel="archs", title=out.name)
     epochs = column(log, "epoch")
     right.plot(epochs, column(log, "loss"), "o-")
     right.set(xlabel="epoch", ylabel="training loss (curriculum level: dashed)")
@@ -1296,8 +1279,7 @@ def plot_run(out):
 
 def benchmark(cfg, steps, rounds=5):
     """ms per training step, vanilla vs CLOSENet at each level (the same 8 archs and batch), by
-    torch.utils.benchmark (warm-up, CUDA synchronised): the median of 5 rounds, in each of which
-    the configurations take turns, so that drift hits all alike."""
+    torch.utils.benchmark: the median of 5 rounds, the configurations in turn in each."""
     from torch.utils.benchmark import Measurement, Timer
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)

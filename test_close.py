@@ -396,9 +396,9 @@ def test_scoring_leaves_the_model_in_the_callers_mode():
 
 def test_adding_a_block_beyond_the_pool_is_a_clear_error():
     model = grown(close.CLOSENet(channels=4, cells=1, num_blocks=2), 2)
-    with pytest.raises(ValueError, match="no block to add, all 2 blocks already at work"):
+    with pytest.raises(ValueError, match="all 2 blocks are at work already"):
         close.add_glow_block(model)
-    with pytest.raises(ValueError, match="no block to add, a vanilla supernet"):
+    with pytest.raises(ValueError, match="all 6 blocks are at work already"):
         close.add_glow_block(close.CLOSENet(channels=4, cells=1, baseline=True))
 
 
@@ -937,9 +937,9 @@ def test_summary_and_compare_say_what_their_numbers_are(tmp_path, capsys):
     assert [f"acc {float(row['accuracy']):5.1f}%" in line for row, line in zip(log, epochs)] == [True, True]  # percent
     assert " left or more" in epochs[0] and " left" not in epochs[1] and "0.0 min" not in printed
     gate = json.loads((long_name / "metrics.json").read_text())["gate"]  # the GATE's numbers, each in words
-    assert f"likeliest block: the most common one for {1 - gate['off_dominant']:.0%} of the routed edges" in printed
-    assert f"randomness of a draw: {gate['entropy']:.0%} of a uniform pick" in printed
-    assert "scoring (one draw per arch): routed edges per block [" in printed
+    assert f"its likeliest block: one block for {1 - gate['off_dominant']:.0%} of the edges" in printed
+    assert f"its draws: {gate['entropy']:.0%} as random as a uniform pick" in printed
+    assert "scoring (--eval-gate): edges per block [" in printed
     plotting = importlib.util.find_spec("matplotlib") is not None
     assert "no ranking.png" in printed or plotting
     if plotting:  # ranking.png can be drawn again from the finished folder
