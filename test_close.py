@@ -3,6 +3,7 @@
 Run with `python -m pytest -q test_close.py`. The core runs on synthetic data; tests that read
 ../shared/data (real CIFAR-10 images, the NB201 accuracy table) skip when it is absent.
 """
+
 import bz2
 import csv
 import dataclasses
@@ -32,14 +33,41 @@ import nb201_api_slim as nb
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
-BEST_CIFAR10 = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_3x3~1|nor_conv_1x1~2|"
-# The smallest runs that still exercise everything: 2 training steps per epoch, 12 archs scored on 128 images.
-TINY = ["--data", "synthetic", "--device", "cpu", "--cells", "1", "--channels", "4", "--batch-size", "128", "--train-subset", "256",
-        "--eval-archs", "12", "--eval-batches", "1", "--search-budget", "16", "--population", "6", "--tournament", "3"]
+BEST_CIFAR10 = (  # index 6111, NB201's best on CIFAR-10
+    "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|"
+    "+|skip_connect~0|nor_conv_3x3~1|nor_conv_1x1~2|"
+)
+# The smallest runs that still exercise everything: 2 training steps per epoch, 12 archs scored on
+# 128 images.
+TINY = [
+    "--data",
+    "synthetic",
+    "--device",
+    "cpu",
+    "--cells",
+    "1",
+    "--channels",
+    "4",
+    "--batch-size",
+    "128",
+    "--train-subset",
+    "256",
+    "--eval-archs",
+    "12",
+    "--eval-batches",
+    "1",
+    "--search-budget",
+    "16",
+    "--population",
+    "6",
+    "--tournament",
+    "3",
+]
 
 
 def shared_file(name):
-    """A file of ../shared/data (real CIFAR-10 images, the NB201 table): there in CI, absent on users' machines."""
+    """A file of ../shared/data (real CIFAR-10 images, the NB201 table): there in CI, absent on
+    users' machines."""
     path = SHARED_DATA / name
     if not path.exists():
         pytest.skip(f"{path} is absent")
@@ -70,9 +98,21 @@ def test_arch_string_round_trip_and_known_string():
         assert close.str_to_arch(close.arch_to_str(arch)) == arch
 
 
-@pytest.mark.parametrize("bad", [
-    "", "|nor_conv_3x3~0|", BEST_CIFAR10[:-1], BEST_CIFAR10.replace("~1|", "~0|", 1), BEST_CIFAR10.replace("conv_3x3", "conv_5x5", 1),
-    BEST_CIFAR10 + "+|none~0|", BEST_CIFAR10.replace("|+|", "|+", 1), "|none~0|+|none~0|none~1|+|none~0|none~1|", None, 42])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "|nor_conv_3x3~0|",
+        BEST_CIFAR10[:-1],
+        BEST_CIFAR10.replace("~1|", "~0|", 1),
+        BEST_CIFAR10.replace("conv_3x3", "conv_5x5", 1),
+        BEST_CIFAR10 + "+|none~0|",
+        BEST_CIFAR10.replace("|+|", "|+", 1),
+        "|none~0|+|none~0|none~1|+|none~0|none~1|",
+        None,
+        42,
+    ],
+)
 def test_bad_arch_strings_are_rejected_naming_the_string(bad):
     with pytest.raises(ValueError, match="not an NB201 architecture string") as error:
         close.str_to_arch(bad)
@@ -88,12 +128,13 @@ def test_arch_string_errors_point_at_the_bad_token():
 
 def test_isomorphic_cells_share_a_representative():
     conv = close.CONV3X3
-    # node 1 feeds nothing live: its input edge is dead, so the cell equals the one with 'none' there
+    # node 1 feeds nothing live: its input edge is dead, so the cell equals the one with 'none'
+    # there
     assert close.canonical((conv, 0, 0, conv, 0, 0)) == close.canonical((0, 0, 0, conv, 0, 0))
     # a skip_connect into node 1 then a conv to the output computes the same as the conv alone
     assert close.canonical((close.SKIP, 0, 0, 0, conv, 0)) == close.canonical((0, 0, 0, conv, 0, 0))
-    # the benchmark's rule is finer than function: node 2 always has an edge from node 1, so swapping
-    # the ops of 0->1 and 0->2 gives another class even when 1->2 is none
+    # the benchmark's rule is finer than function: node 2 always has an edge from node 1, so
+    # swapping the ops of 0->1 and 0->2 gives another class even when 1->2 is none
     assert close.canonical((conv, 2, 0, 0, 1, 1)) != close.canonical((2, conv, 0, 0, 1, 1))
     # a different op on a live edge is a different cell
     assert close.canonical((0, 0, 0, conv, 0, 0)) != close.canonical((0, 0, 0, close.CONV1X1, 0, 0))
@@ -116,6 +157,7 @@ def test_live_edges():
 # ---------------------------------------------------------------------------------------------
 def write_png(path, value):
     from PIL import Image
+
     Image.fromarray(np.full((32, 32, 3), value, dtype=np.uint8)).save(path)
 
 
@@ -127,27 +169,45 @@ def test_image_folder_split_is_shuffled_not_positional(tmp_path):
             write_png(folder / f"{i}.png", 40 * label)
     data = close.image_folder_dataset(tmp_path)
     assert data.num_classes == 5 and len(data.train_labels) == 40 and len(data.heldout_labels) == 10
-    assert len(set(data.heldout_labels.tolist())) >= 3  # a positional split would hold out the last class only
-    assert all((data.train_images[i] == 40 * data.train_labels[i]).all() for i in range(40))  # labels follow images
+    assert (
+        len(set(data.heldout_labels.tolist())) >= 3
+    )  # a positional split would hold out the last class only
+    assert all(
+        (data.train_images[i] == 40 * data.train_labels[i]).all() for i in range(40)
+    )  # labels follow images
 
 
 def test_torchvision_cifar10_is_split_by_position(monkeypatch):
     import torchvision
 
-    class FakeCIFAR10:  # torchvision's layout: uint8 NHWC numpy images, a list of labels, random order
+    class FakeCIFAR10:  # torchvision's: uint8 NHWC numpy images, a list of labels, random order
         def __init__(self, root, train, download):
             assert train and download
-            self.data = np.arange(50000 * 4, dtype=np.uint8).reshape(50000, 1, 1, 4).repeat(32, 1).repeat(32, 2)[..., :3]
+            self.data = (
+                np.arange(50000 * 4, dtype=np.uint8)
+                .reshape(50000, 1, 1, 4)
+                .repeat(32, 1)
+                .repeat(32, 2)[..., :3]
+            )
             self.targets = [i % 10 for i in range(50000)]
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeCIFAR10)
     data = close.cifar10_dataset("unused")
-    assert data.train_images.shape == (40000, 3, 32, 32) and data.heldout_images.shape == (10000, 3, 32, 32)
+    assert data.train_images.shape == (40000, 3, 32, 32) and data.heldout_images.shape == (
+        10000,
+        3,
+        32,
+        32,
+    )
     assert data.train_labels[:3].tolist() == [0, 1, 2] and data.heldout_labels[0] == 40000 % 10
-    assert data.heldout_images[0, :, 0, 0].tolist() == [(40000 * 4 + c) % 256 for c in range(3)]  # channels first
+    assert data.heldout_images[0, :, 0, 0].tolist() == [
+        (40000 * 4 + c) % 256 for c in range(3)
+    ]  # channels first
 
 
-def test_offline_cifar10_download_is_one_line_naming_the_alternatives(tmp_path, capsys, monkeypatch):
+def test_offline_cifar10_download_is_one_line_naming_the_alternatives(
+    tmp_path, capsys, monkeypatch
+):
     import torchvision
     import urllib.error
 
@@ -155,14 +215,23 @@ def test_offline_cifar10_download_is_one_line_naming_the_alternatives(tmp_path, 
         Path(root).mkdir(parents=True, exist_ok=True)
         (Path(root) / "cifar-10-python.tar.gz").write_bytes(b"partial")
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
     root = tmp_path / "data" / "cifar"
-    err = error_line(capsys, TINY[2:] + ["--data", "cifar10", "--data-root", str(root), "--out", str(tmp_path / "run")])
+    err = error_line(
+        capsys,
+        TINY[2:] + ["--data", "cifar10", "--data-root", str(root), "--out", str(tmp_path / "run")],
+    )
     assert "could not be downloaded" in err and "--data synthetic" in err and "--data-root" in err
     assert sorted(tmp_path.iterdir()) == []  # the failed attempt leaves nothing behind
     root.mkdir(parents=True)
-    (root / "mine.txt").write_text("the user's")  # an existing folder: only what the attempt added goes
-    error_line(capsys, TINY[2:] + ["--data", "cifar10", "--data-root", str(root), "--out", str(tmp_path / "run")])
+    (root / "mine.txt").write_text(
+        "the user's"
+    )  # an existing folder: only what the attempt added goes
+    error_line(
+        capsys,
+        TINY[2:] + ["--data", "cifar10", "--data-root", str(root), "--out", str(tmp_path / "run")],
+    )
     assert [p.name for p in root.iterdir()] == ["mine.txt"]
 
 
@@ -170,21 +239,42 @@ def test_train_subset_is_seeded_and_keeps_the_heldout_split():
     full = close.load_dataset(close.Config(data="synthetic"))
     small = close.load_dataset(close.Config(data="synthetic", train_subset=100))
     assert len(small.train_labels) == 100 and torch.equal(small.heldout_images, full.heldout_images)
-    assert torch.equal(small.train_images, close.load_dataset(close.Config(data="synthetic", train_subset=100)).train_images)
+    assert torch.equal(
+        small.train_images,
+        close.load_dataset(close.Config(data="synthetic", train_subset=100)).train_images,
+    )
     rows = {tuple(image.flatten().tolist()) for image in full.train_images}
     assert all(tuple(image.flatten().tolist()) in rows for image in small.train_images)
 
 
 def test_augment_is_a_per_image_crop_and_flip():
     torch.manual_seed(0)
-    images = torch.arange(2 * 3 * 32 * 32, dtype=torch.int64).reshape(2, 3, 32, 32).float().add(1).repeat(32, 1, 1, 1)
+    images = (
+        torch.arange(2 * 3 * 32 * 32, dtype=torch.int64)
+        .reshape(2, 3, 32, 32)
+        .float()
+        .add(1)
+        .repeat(32, 1, 1, 1)
+    )
     out = close.augment(images)
     assert out.shape == images.shape
     padded = F.pad(images, (4, 4, 4, 4))
     distinct = set()
     for i in range(len(images)):  # each output is one crop of the padded image, possibly mirrored
-        matches = [(dy, dx, flip) for dy in range(9) for dx in range(9) for flip in (False, True)
-                   if torch.equal(out[i], (padded[i, :, dy:dy + 32, dx:dx + 32].flip(-1) if flip else padded[i, :, dy:dy + 32, dx:dx + 32]))]
+        matches = [
+            (dy, dx, flip)
+            for dy in range(9)
+            for dx in range(9)
+            for flip in (False, True)
+            if torch.equal(
+                out[i],
+                (
+                    padded[i, :, dy : dy + 32, dx : dx + 32].flip(-1)
+                    if flip
+                    else padded[i, :, dy : dy + 32, dx : dx + 32]
+                ),
+            )
+        ]
         assert len(matches) == 1
         distinct.add(matches[0])
     assert len(distinct) > 20  # drawn per image, not once per batch
@@ -192,7 +282,9 @@ def test_augment_is_a_per_image_crop_and_flip():
 
 def test_real_cifar10_folder(tmp_path):
     with zipfile.ZipFile(shared_file("cifar10-jpg.zip")) as archive:
-        members = [m for m in archive.namelist() if m.startswith("cifar10/train/") and m.endswith(".jpg")]
+        members = [
+            m for m in archive.namelist() if m.startswith("cifar10/train/") and m.endswith(".jpg")
+        ]
         archive.extractall(tmp_path, members=[m for m in members if int(Path(m).stem) < 200])
     data = close.image_folder_dataset(tmp_path / "cifar10")
     assert data.num_classes == 10 and len(data.train_labels) + len(data.heldout_labels) == 2000
@@ -210,7 +302,9 @@ def n_params(module):
 
 def small_batch(n=8, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 32, 32, generator=generator), torch.randint(10, (n,), generator=generator)
+    return torch.randn(n, 3, 32, 32, generator=generator), torch.randint(
+        10, (n,), generator=generator
+    )
 
 
 def grown(model, level):
@@ -231,12 +325,16 @@ def loss_and_grads(model, images, labels, arch, assignment):
     torch.manual_seed(7)  # the same head dropout mask in both formulations
     loss = F.cross_entropy(model(images, arch, assignment), labels)
     loss.backward(retain_graph=True)  # the assignment's graph (the GATE) is reused by the oracle
-    grads = {name: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for name, p in model.named_parameters()}
+    grads = {
+        name: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+        for name, p in model.named_parameters()
+    }
     return loss.detach(), grads
 
 
 def glow_op_oracle(x, op, edge, glow_blocks, assignment):
-    """The paper's edge output as the official code computes it: sum_i gate_i * block_i(x), every block with autograd."""
+    """The paper's edge output as the official code computes it: sum_i gate_i * block_i(x),
+    every block with autograd."""
     if assignment.gate is None:
         return close.relu_conv_bn(x, glow_blocks[assignment.blocks[edge]].weight(op))
     gate = assignment.gate[edge]
@@ -253,7 +351,8 @@ def test_parameter_counts_match_the_official_supernets():
     assert vanilla.num_blocks == 6 and vanilla.gate is None
     assert vanilla.sharing_assignment((3,) * 6).blocks == [0, 1, 2, 3, 4, 5]
     closenet = close.CLOSENet(num_blocks=5)
-    # official 1,664,335 keeps the zero embedding of nodes 1-3 as a frozen parameter; here it is a constant
+    # official 1,664,335 keeps the zero embedding of nodes 1-3 as a frozen parameter; here it is
+    # a constant
     assert n_params(closenet) == 1_664_335 - 48
     assert n_params(closenet.gate) == 247_029 - 48
 
@@ -261,7 +360,9 @@ def test_parameter_counts_match_the_official_supernets():
 def test_parameters_grow_linearly_with_blocks_not_with_archs():
     counts = [n_params(close.CLOSENet(num_blocks=k)) for k in (1, 2, 3, 4)]
     gate_growth = 201  # one more logit row in the GATE's last layer
-    assert np.diff(counts).tolist() == [268_800 + gate_growth] * 3  # one block = one op-weight set over 15 cells
+    assert (
+        np.diff(counts).tolist() == [268_800 + gate_growth] * 3
+    )  # one block = one op-weight set over 15 cells
 
 
 def test_level_one_puts_every_edge_on_block_zero_without_the_gate():
@@ -278,12 +379,16 @@ def test_an_arch_string_means_the_same_network_everywhere(level):
     images, labels = small_batch()
     for net in (model, vanilla):
         assert torch.equal(net(images, BEST_CIFAR10), net(images, close.str_to_arch(BEST_CIFAR10)))
-        assert close.score_arch(net, BEST_CIFAR10, images, labels, 8) == close.score_arch(net, list(close.str_to_arch(BEST_CIFAR10)), images, labels, 8)
+        assert close.score_arch(net, BEST_CIFAR10, images, labels, 8) == close.score_arch(
+            net, list(close.str_to_arch(BEST_CIFAR10)), images, labels, 8
+        )
         assert not torch.equal(net(images, BEST_CIFAR10), net(images, (close.AVG_POOL,) * 6))
     assert close.canonical(BEST_CIFAR10) == close.canonical(close.str_to_arch(BEST_CIFAR10))
     cell, x = model.cells()[0], model.stem(images)  # a piece on its own reads the arch alike
     assignment = model.sharing_assignment(BEST_CIFAR10)
-    assert torch.equal(cell(x, BEST_CIFAR10, assignment), cell(x, close.str_to_arch(BEST_CIFAR10), assignment))
+    assert torch.equal(
+        cell(x, BEST_CIFAR10, assignment), cell(x, close.str_to_arch(BEST_CIFAR10), assignment)
+    )
     for bad in ("|nor_conv_3x3~0|", (3, 3, 3), (3, 3, 3, 1, 3, 7), (3, 3, 3, 1, 3, True), 42):
         for call in (lambda: model(images, bad), lambda: cell(x, bad, assignment)):
             with pytest.raises(ValueError, match="not an NB201 architecture"):
@@ -326,11 +431,16 @@ def test_gate_is_hard_in_forward_and_only_chosen_blocks_get_gradient():
         assert ((gate == 0).sum(-1) == 3).all() and torch.allclose(gate.sum(-1), torch.ones(6))
         assert torch.equal(gate.argmax(-1), assignment.blocks)
         _, grads = loss_and_grads(model, images, labels, arch, assignment)
-        used = {(close.CONV3X3 if op == close.CONV3X3 else close.CONV1X1, b) for op, b in zip(arch, assignment.blocks.tolist())}
+        used = {
+            (close.CONV3X3 if op == close.CONV3X3 else close.CONV1X1, b)
+            for op, b in zip(arch, assignment.blocks.tolist())
+        }
         for c, cell in enumerate(model.cells()):
             for b in range(5):
                 for op, name in ((close.CONV1X1, "conv1x1"), (close.CONV3X3, "conv3x3")):
-                    grad = grads[f"layers.{close_layer_index(model, c)}.glow_blocks.{b}.{name}.weight"]
+                    grad = grads[
+                        f"layers.{close_layer_index(model, c)}.glow_blocks.{b}.{name}.weight"
+                    ]
                     assert bool(grad.any()) == ((op, b) in used), (trial, c, b, name)
         assert any(grads[n].any() for n in grads if n.startswith("gate."))
 
@@ -343,7 +453,8 @@ def test_scoring_is_deterministic_argmax_and_uses_batch_statistics():
     assert first == close.score_arch(model, (3, 2, 1, 3, 4, 2), images, labels, batch_size=8)
     model.eval()
     assert model.sharing_assignment((3,) * 6).gate is None
-    # batch statistics: an image's logits depend on the other images in its batch (no running statistics)
+    # batch statistics: an image's logits depend on the other images in its batch (no running
+    # statistics)
     a = model(images[:8], (3,) * 6)
     b = model(torch.cat([images[:4], images[8:12]]), (3,) * 6)
     assert not torch.allclose(a[:4], b[:4])
@@ -351,17 +462,23 @@ def test_scoring_is_deterministic_argmax_and_uses_batch_statistics():
 
 def test_sampled_scoring_gate_is_seeded_per_arch():
     torch.manual_seed(0)
-    model = grown(close.CLOSENet(channels=4, cells=1, num_blocks=5), 5).eval()  # a flat GATE at init
+    model = grown(
+        close.CLOSENet(channels=4, cells=1, num_blocks=5), 5
+    ).eval()  # a flat GATE at init
     archs = close.unique_archs()[:40]
     draws = [model.sharing_assignment(arch, "sample", seed=3).blocks for arch in archs]
-    assert draws == [model.sharing_assignment(arch, "sample", seed=3).blocks for arch in archs[::-1]][::-1]  # any order
+    assert (
+        draws
+        == [model.sharing_assignment(arch, "sample", seed=3).blocks for arch in archs[::-1]][::-1]
+    )  # any order
     assert draws != [model.sharing_assignment(arch, "sample", seed=4).blocks for arch in archs]
     assert len(set(sum(draws, []))) == 5  # a flat GATE's draws spread over the blocks ...
     argmax = [model.sharing_assignment(arch, "argmax").blocks for arch in archs]
     assert len(set(sum(argmax, []))) == 1  # ... where its argmax sends every edge to one block
     # the library's default is the command line's: --eval-gate sample, --eval-seed 0
     assert [model.sharing_assignment(arch).blocks for arch in archs] == [
-        model.sharing_assignment(arch, "sample", seed=0).blocks for arch in archs]
+        model.sharing_assignment(arch, "sample", seed=0).blocks for arch in archs
+    ]
 
 
 def test_gate_input_is_built_from_any_form_of_the_arch():
@@ -376,8 +493,16 @@ def test_gate_input_is_built_from_any_form_of_the_arch():
     assert many.shape == (3, 6, 3) and torch.equal(many[0], many[2])
     assert torch.allclose(many[0], one, rtol=1e-5, atol=1e-7)  # batched: rounding may differ
     assert torch.equal(model.gate_logits(torch.tensor([arch, (0,) * 6])), many[:2])
-    for bad in ((3, 3, 3), torch.tensor([3, 3, 3]), torch.tensor([[3, 3, 3, 1, 3, 9]]), torch.tensor(arch).float(),
-                torch.tensor(arch) > 0, torch.zeros(2, 2, 6, dtype=torch.long), torch.zeros(0, 6, dtype=torch.long), []):
+    for bad in (
+        (3, 3, 3),
+        torch.tensor([3, 3, 3]),
+        torch.tensor([[3, 3, 3, 1, 3, 9]]),
+        torch.tensor(arch).float(),
+        torch.tensor(arch) > 0,
+        torch.zeros(2, 2, 6, dtype=torch.long),
+        torch.zeros(0, 6, dtype=torch.long),
+        [],
+    ):
         with pytest.raises(ValueError, match="not an NB201 architecture"):
             model.gate_logits(bad)
 
@@ -404,7 +529,9 @@ def test_adding_a_block_beyond_the_pool_is_a_clear_error():
 
 def test_a_parameter_free_op_has_no_glow_weights():
     block = close.GlowBlock(4)
-    assert block.weight(close.CONV1X1).shape == (4, 4, 1, 1) and block.weight(close.CONV3X3).shape == (4, 4, 3, 3)
+    assert block.weight(close.CONV1X1).shape == (4, 4, 1, 1) and block.weight(
+        close.CONV3X3
+    ).shape == (4, 4, 3, 3)
     for op in (close.NONE, close.SKIP, close.AVG_POOL):
         with pytest.raises(ValueError, match="has no weights"):
             block.weight(op)
@@ -423,7 +550,8 @@ def test_curriculum_schedule():
 
 
 def trained_between_growths(levels=(2, 3, 4)):
-    """Yield (model, level, outputs before the growth) with a little training between growths, so the blocks differ."""
+    """Yield (model, level, outputs before the growth) with a little training between growths,
+    so the blocks differ."""
     torch.manual_seed(0)
     model = close.CLOSENet(channels=4, cells=1, num_blocks=4)
     optimizer, _ = close.make_optimizer(model, close.Config())
@@ -433,15 +561,23 @@ def trained_between_growths(levels=(2, 3, 4)):
         for arch in archs[:3]:
             close.train_step(model, optimizer, images, labels, arch, 5.0)
         model.eval()
-        before = {b: [model(images, arch, close.SharingAssignment([b] * 6)) for arch in archs] for b in range(level - 1)}
+        before = {
+            b: [model(images, arch, close.SharingAssignment([b] * 6)) for arch in archs]
+            for b in range(level - 1)
+        }
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         fresh = [p.clone() for p in model.cells()[0].glow_blocks[level - 1].parameters()]
         fresh_row = model.gate.mlp[-1].weight[level - 1].clone()
         close.add_glow_block(model)
         assert model.level == level
-        assert {id(p) for p in model.parameters()} == held  # in place: the optimizer holds the same tensors
+        assert {
+            id(p) for p in model.parameters()
+        } == held  # in place: the optimizer holds the same tensors
         for b in range(level - 1):  # blocks that existed compute exactly what they did
-            assert all(torch.equal(model(images, arch, close.SharingAssignment([b] * 6)), out) for arch, out in zip(archs, before[b]))
+            assert all(
+                torch.equal(model(images, arch, close.SharingAssignment([b] * 6)), out)
+                for arch, out in zip(archs, before[b])
+            )
         yield model, level, fresh, fresh_row
 
 
@@ -449,31 +585,48 @@ def test_official_growth_adds_the_parent_to_the_fresh_init():
     for model, level, fresh, fresh_row in trained_between_growths():
         cell = model.cells()[0]
         parent = cell.glow_blocks[level - 2].parameters()
-        assert all(torch.allclose(new, f + p) for new, f, p in zip(cell.glow_blocks[level - 1].parameters(), fresh, parent))
-        last = model.gate.mlp[-1]  # the GATE grows its own logit row: its init plus the parent's row
+        assert all(
+            torch.allclose(new, f + p)
+            for new, f, p in zip(cell.glow_blocks[level - 1].parameters(), fresh, parent)
+        )
+        last = model.gate.mlp[
+            -1
+        ]  # the GATE grows its own logit row: its init plus the parent's row
         assert torch.allclose(last.weight[level - 1], fresh_row + last.weight[level - 2])
 
 
 def test_growth_gives_the_gate_a_gradient_where_twins_would_not():
     torch.manual_seed(0)
     model = close.CLOSENet(channels=4, cells=1, num_blocks=3)
-    close.add_glow_block(model)  # straight after growth: block 1 descends from block 0, nothing trained since
+    close.add_glow_block(
+        model
+    )  # straight after growth: block 1 descends from block 0, nothing trained since
     images, labels = small_batch()
     arch = (3, 2, 3, 1, 3, 2)
 
     def hidden_gate_gradient():
         torch.manual_seed(1)
         _, grads = loss_and_grads(model, images, labels, arch, gated_assignment(model, arch))
-        return torch.cat([grads[n].flatten() for n in grads if n.startswith("gate.") and not n.startswith("gate.mlp.9")]).norm()
+        return torch.cat(
+            [
+                grads[n].flatten()
+                for n in grads
+                if n.startswith("gate.") and not n.startswith("gate.mlp.9")
+            ]
+        ).norm()
 
     assert hidden_gate_gradient() > 1e-5
     with torch.no_grad():  # an exact copy of block and logit row instead: twins
         for cell in model.cells():
-            for twin, parent in zip(cell.glow_blocks[1].parameters(), cell.glow_blocks[0].parameters()):
+            for twin, parent in zip(
+                cell.glow_blocks[1].parameters(), cell.glow_blocks[0].parameters()
+            ):
                 twin.copy_(parent)
         for row in (model.gate.mlp[-1].weight, model.gate.mlp[-1].bias):
             row[1] = row[0]
-    assert hidden_gate_gradient() < 1e-9  # no gradient into the encoder and hidden layers (but rounding)
+    assert (
+        hidden_gate_gradient() < 1e-9
+    )  # no gradient into the encoder and hidden layers (but rounding)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,10 +642,15 @@ def test_training_draws_from_the_unique_archs(monkeypatch):
     monkeypatch.setattr(close, "train_step", record)
     torch.manual_seed(0)
     data = close.synthetic_dataset(train=3000, heldout=1)
-    finished = close.train_epoch(close.CLOSENet(channels=4, cells=1), None, data, close.Config(batch_size=1))
+    finished = close.train_epoch(
+        close.CLOSENet(channels=4, cells=1), None, data, close.Config(batch_size=1)
+    )
     assert len(drawn) == 3000 == finished["images"] and finished["losses"].shape == (3000,)
-    assert set(drawn) <= set(close.unique_archs())  # representatives only: isomorphs are never drawn twice over
-    # uniform over 6,466 classes: 3,000 draws hit about 6466 * (1 - exp(-3000 / 6466)) = 2,400 distinct classes
+    assert set(drawn) <= set(
+        close.unique_archs()
+    )  # representatives only: isomorphs are never drawn twice over
+    # uniform over 6,466 classes: 3,000 draws hit about 6466 * (1 - exp(-3000 / 6466)) = 2,400
+    # distinct classes
     assert 2300 < len(set(drawn)) < 2530
 
 
@@ -501,7 +659,9 @@ def test_the_official_step_decays_every_active_weight_used_or_not_in_any_trainin
     model = grown(close.CLOSENet(channels=4, cells=1, num_blocks=3), 2)
     cfg = close.Config()
     optimizer, _ = close.make_optimizer(model, cfg)
-    assert [g["weight_decay"] for g in optimizer.param_groups] == [cfg.weight_decay]  # one decay for all
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [
+        cfg.weight_decay
+    ]  # one decay for all
     blocks = [cell.glow_blocks for cell in model.cells()]
     unused = [b[i].conv1x1.weight for b in blocks for i in (0, 1)]  # the arch has no nor_conv_1x1
     waiting = [p for b in blocks for p in b[2].parameters()]  # beyond the level: wait to grow
@@ -514,7 +674,9 @@ def test_the_official_step_decays_every_active_weight_used_or_not_in_any_trainin
     shrink = 1 - cfg.lr * cfg.weight_decay  # a zero gradient: the first step is weight decay alone
     for p, old in zip(unused, before):
         assert torch.allclose(p, old * shrink, rtol=1e-6, atol=0) and not torch.equal(p, old)
-    assert all(p.grad is None and torch.equal(p, old) for p, old in zip(waiting, before[len(unused):]))
+    assert all(
+        p.grad is None and torch.equal(p, old) for p, old in zip(waiting, before[len(unused) :])
+    )
 
 
 def test_train_step_is_the_official_step_bit_for_bit():
@@ -529,8 +691,9 @@ def test_train_step_is_the_official_step_bit_for_bit():
         torch.manual_seed(0)
         model = grown(close.CLOSENet(channels=4, cells=1, num_blocks=3), level)
         if official:
-            optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                        weight_decay=cfg.weight_decay)
+            optimizer = torch.optim.SGD(
+                model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            )
             for p in model.parameters():
                 p.grad = torch.zeros_like(p)
             for cell in model.cells():
@@ -563,15 +726,26 @@ def test_train_step_is_the_official_step_bit_for_bit():
 # ---------------------------------------------------------------------------------------------
 def test_gate_health_on_a_hand_built_gate(monkeypatch):
     model = grown(close.CLOSENet(channels=4, cells=1, num_blocks=3), 3)
-    archs = [(3,) * 6, (2,) * 6, (3, 0, 0, 1, 0, 0)]  # the last has no live parameterised edge (0->1 is dead)
+    archs = [
+        (3,) * 6,
+        (2,) * 6,
+        (3, 0, 0, 1, 0, 0),
+    ]  # the last has no live parameterised edge (0->1 is dead)
     logits = torch.tensor([[[1.0, 0, 0]] * 6, [[0, 0, 1.0]] * 6, [[100.0, 0, 0]] * 6])
     monkeypatch.setattr(model, "gate_logits", lambda given: logits if given == archs else None)
     health = close.gate_health(model, archs)
-    centred = np.array([[2 / 3, -1 / 3, -1 / 3]] * 6 + [[-1 / 3, -1 / 3, 2 / 3]] * 6)  # the dead arch is left out
+    centred = np.array(
+        [[2 / 3, -1 / 3, -1 / 3]] * 6 + [[-1 / 3, -1 / 3, 2 / 3]] * 6
+    )  # the dead arch is left out
     assert health["spread"] == pytest.approx(centred.std(0, ddof=1).mean())
     assert health["off_dominant"] == pytest.approx(0.5)  # 6 edges on block 0, 6 on block 2
-    assert health["entropy"] == pytest.approx(scipy.stats.entropy(scipy.special.softmax([1, 0, 0])) / np.log(3))
-    assert close.gate_health(close.CLOSENet(channels=4, cells=1, num_blocks=3), archs)["spread"] is None  # level 1: no GATE at work
+    assert health["entropy"] == pytest.approx(
+        scipy.stats.entropy(scipy.special.softmax([1, 0, 0])) / np.log(3)
+    )
+    assert (
+        close.gate_health(close.CLOSENet(channels=4, cells=1, num_blocks=3), archs)["spread"]
+        is None
+    )  # level 1: no GATE at work
     assert "COLLAPSED" in close.describe_gate({"spread": 0.5, "off_dominant": 0.0, "entropy": 0.9})
     assert "BLIND" in close.describe_gate({"spread": 1e-4, "off_dominant": 0.0, "entropy": 1.0})
 
@@ -582,16 +756,24 @@ def test_correlations_equal_scipy():
     predicted = truth + rng.normal(size=200)
     predicted[:20] = predicted[0]  # ties: tau-b
     metrics = close.ranking_metrics(predicted, truth)
-    assert metrics["kendall_tau"] == pytest.approx(scipy.stats.kendalltau(predicted, truth, variant="b").statistic, abs=1e-12)
-    assert metrics["spearman"] == pytest.approx(scipy.stats.spearmanr(predicted, truth).statistic, abs=1e-12)
-    assert metrics["pearson"] == pytest.approx(scipy.stats.pearsonr(predicted, truth).statistic, abs=1e-12)
+    assert metrics["kendall_tau"] == pytest.approx(
+        scipy.stats.kendalltau(predicted, truth, variant="b").statistic, abs=1e-12
+    )
+    assert metrics["spearman"] == pytest.approx(
+        scipy.stats.spearmanr(predicted, truth).statistic, abs=1e-12
+    )
+    assert metrics["pearson"] == pytest.approx(
+        scipy.stats.pearsonr(predicted, truth).statistic, abs=1e-12
+    )
 
 
 def test_perfect_and_reversed_rankings():
     truth = np.arange(100.0)
     perfect = close.ranking_metrics(truth * 2 + 1, truth)
     reverse = close.ranking_metrics(-truth, truth)
-    assert perfect["kendall_tau"] == pytest.approx(1) and reverse["kendall_tau"] == pytest.approx(-1)
+    assert perfect["kendall_tau"] == pytest.approx(1) and reverse["kendall_tau"] == pytest.approx(
+        -1
+    )
     for name, k in (("1%", 1), ("5%", 5), ("10%", 10), ("50%", 50)):
         assert perfect[f"P@top{name}"] == 1 and perfect[f"P@bottom{name}"] == 1
         assert perfect[f"BR@{name}"] == 1 and perfect[f"WR@{name}"] == k
@@ -601,13 +783,30 @@ def test_perfect_and_reversed_rankings():
 
 
 def test_precision_and_best_worst_rank_by_hand():
-    truth = [90, 80, 70, 60, 50, 40, 30, 20, 10, 0]      # true ranks 0..9
-    predicted = [5, 9, 1, 8, 2, 3, 4, 0, 7, 6]           # predicted order: archs 1, 3, 8, 9, 0 | 6, 5, 4, 2, 7
+    truth = [90, 80, 70, 60, 50, 40, 30, 20, 10, 0]  # true ranks 0..9
+    predicted = [
+        5,
+        9,
+        1,
+        8,
+        2,
+        3,
+        4,
+        0,
+        7,
+        6,
+    ]  # predicted order: archs 1, 3, 8, 9, 0 | 6, 5, 4, 2, 7
     m = close.ranking_metrics(predicted, truth, ratios=(0.1, 0.2, 0.5))
-    assert m["P@top10%"] == 0 and m["BR@10%"] == 2 and m["WR@10%"] == 2            # top-1 is arch 1 (true rank 1)
-    assert m["P@top20%"] == 0.5 and m["BR@20%"] == 2 and m["WR@20%"] == 4          # {1, 3}: only 1 in true top-2
-    assert m["P@top50%"] == 0.6 and m["BR@50%"] == 1 and m["WR@50%"] == 10         # {1,3,8,9,0} vs {0..4}
-    assert m["P@bottom10%"] == 0 and m["P@bottom20%"] == 0 and m["P@bottom50%"] == 0.6  # {7,2} vs {9,8}; {7,2,4,5,6} vs {5..9}
+    assert (
+        m["P@top10%"] == 0 and m["BR@10%"] == 2 and m["WR@10%"] == 2
+    )  # top-1 is arch 1 (true rank 1)
+    assert (
+        m["P@top20%"] == 0.5 and m["BR@20%"] == 2 and m["WR@20%"] == 4
+    )  # {1, 3}: only 1 in true top-2
+    assert m["P@top50%"] == 0.6 and m["BR@50%"] == 1 and m["WR@50%"] == 10  # {1,3,8,9,0} vs {0..4}
+    assert (
+        m["P@bottom10%"] == 0 and m["P@bottom20%"] == 0 and m["P@bottom50%"] == 0.6
+    )  # {7,2} vs {9,8}; {7,2,4,5,6} vs {5..9}
     assert close.ranking_metrics([1, 2, 3], [1, 2, 3])["P@top1%"] is None  # k = int(3 * 0.01) = 0
 
 
@@ -623,7 +822,9 @@ def test_nb201_table_has_6466_isomorphism_groups():
     assert len(groups) == 6466 and set(groups) == set(close.unique_archs())
     assert max(groups.values()) == pytest.approx(94.37, abs=0.005)
     truth = close.load_ground_truth(str(nb201_csv))
-    assert {arch: truth.accuracy[arch] for arch in close.unique_archs()} == groups and truth.rank[close.str_to_arch(BEST_CIFAR10)] == 1
+    assert {arch: truth.accuracy[arch] for arch in close.unique_archs()} == groups and truth.rank[
+        close.str_to_arch(BEST_CIFAR10)
+    ] == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -634,9 +835,13 @@ def test_regularized_evolution_finds_the_optimum_of_a_synthetic_fitness():
 
     def fitness(arch):  # unique optimum: every edge nor_conv_3x3, then nor_conv_1x1 counts half
         calls.append(arch)
-        return sum(1.0 if op == close.CONV3X3 else 0.5 if op == close.CONV1X1 else 0.0 for op in arch)
+        return sum(
+            1.0 if op == close.CONV3X3 else 0.5 if op == close.CONV1X1 else 0.0 for op in arch
+        )
 
-    best, value, history = close.regularized_evolution(fitness, budget=400, population_size=20, tournament_size=5, seed=0)
+    best, value, history = close.regularized_evolution(
+        fitness, budget=400, population_size=20, tournament_size=5, seed=0
+    )
     assert best == (close.CONV3X3,) * 6 and value == 6.0
     assert len(calls) == len(history) == 400  # the budget counts fitness calls
     assert all(arch in set(close.unique_archs()) for arch in calls)  # searches unique archs only
@@ -644,6 +849,7 @@ def test_regularized_evolution_finds_the_optimum_of_a_synthetic_fitness():
 
 def test_mutation_changes_exactly_the_cell():
     import random
+
     rng = random.Random(0)
     for arch in close.unique_archs()[::97]:
         child = close.mutate(arch, rng)
@@ -652,9 +858,14 @@ def test_mutation_changes_exactly_the_cell():
 
 def test_search_does_not_start_from_the_scored_subset():
     import random
+
     first = []
-    close.regularized_evolution(lambda arch: first.append(arch) or 0.0, budget=20, population_size=20, seed=0)
-    assert first != random.Random(0).sample(close.unique_archs(), 20)  # --seed 0 and --eval-seed 0 must not coincide
+    close.regularized_evolution(
+        lambda arch: first.append(arch) or 0.0, budget=20, population_size=20, seed=0
+    )
+    assert first != random.Random(0).sample(
+        close.unique_archs(), 20
+    )  # --seed 0 and --eval-seed 0 must not coincide
     assert len(set(first) & set(random.Random(0).sample(close.unique_archs(), 200))) < 5
 
 
@@ -669,31 +880,69 @@ def test_regularized_evolution_on_the_nb201_table():
 # ---------------------------------------------------------------------------------------------
 def fake_nb201_csv(path):
     """A made-up table over all 15,625 archs (not NB201's numbers): accuracy grows with conv ops."""
-    table = nb.NB201([close.arch_to_str(a) for a in close.ALL_ARCHS],
-                     {"cifar10": np.array([50 + 5 * sum(op in (2, 3) for op in a) + a[0] for a in close.ALL_ARCHS], dtype=float)})
+    table = nb.NB201(
+        [close.arch_to_str(a) for a in close.ALL_ARCHS],
+        {
+            "cifar10": np.array(
+                [50 + 5 * sum(op in (2, 3) for op in a) + a[0] for a in close.ALL_ARCHS],
+                dtype=float,
+            )
+        },
+    )
     table.save_csv(path)
     return path
 
 
 def run_rows(out):
-    log = [{k: v for k, v in row.items() if k not in ("seconds", "images_per_s")} for row in csv.DictReader(open(out / "log.csv"))]
-    return log, (out / "scores.csv").read_text(), torch.load(out / "checkpoint.pt", weights_only=True)
+    log = [
+        {k: v for k, v in row.items() if k not in ("seconds", "images_per_s")}
+        for row in csv.DictReader(open(out / "log.csv"))
+    ]
+    return (
+        log,
+        (out / "scores.csv").read_text(),
+        torch.load(out / "checkpoint.pt", weights_only=True),
+    )
 
 
 def test_end_to_end_run_writes_every_output(tmp_path, capsys):
     out = tmp_path / "run"
     nb201 = fake_nb201_csv(tmp_path / "fake.csv")
-    assert close.main(TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out), "--nb201", str(nb201)]) == 0
-    for name in ("config.json", "log.csv", "checkpoint.pt", "scores.csv", "metrics.json", "search.json"):
+    assert (
+        close.main(
+            TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out), "--nb201", str(nb201)]
+        )
+        == 0
+    )
+    for name in (
+        "config.json",
+        "log.csv",
+        "checkpoint.pt",
+        "scores.csv",
+        "metrics.json",
+        "search.json",
+    ):
         assert (out / name).exists(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["ranking"]["n"] == 12 and -1 <= metrics["ranking"]["kendall_tau"] <= 1
     assert set(metrics["times"]) == {"data_s", "train_s", "score_s", "search_s"}
     with open(out / "scores.csv") as file:
         rows = list(csv.DictReader(file))
-    live_conv_edges = sum(live and op in (2, 3) for row in rows for live, op in zip(close.live_edges(close.str_to_arch(row["arch"])), close.str_to_arch(row["arch"])))
-    assert len(metrics["scoring_edges_per_block"]) == 2 and sum(metrics["scoring_edges_per_block"]) == live_conv_edges
-    assert set(metrics["gate"]) == {"spread", "off_dominant", "entropy"} and 0 <= metrics["gate"]["off_dominant"] <= 1
+    live_conv_edges = sum(
+        live and op in (2, 3)
+        for row in rows
+        for live, op in zip(
+            close.live_edges(close.str_to_arch(row["arch"])), close.str_to_arch(row["arch"])
+        )
+    )
+    assert (
+        len(metrics["scoring_edges_per_block"]) == 2
+        and sum(metrics["scoring_edges_per_block"]) == live_conv_edges
+    )
+    assert (
+        set(metrics["gate"]) == {"spread", "off_dominant", "entropy"}
+        and 0 <= metrics["gate"]["off_dominant"] <= 1
+    )
     assert len(rows) == 12 and all(row["nb201_accuracy"] for row in rows)
     log = list(csv.DictReader(open(out / "log.csv")))
     assert [row["level"] for row in log] == ["1", "2"]
@@ -725,7 +974,12 @@ def test_scoring_and_search_from_a_checkpoint_alone(tmp_path):
 
 def test_the_python_api_scores_an_arch_as_the_command_line_does(tmp_path):
     out = tmp_path / "run"
-    assert close.main(TINY + ["--epochs", "2", "--blocks", "2", "--search-budget", "0", "--out", str(out)]) == 0
+    assert (
+        close.main(
+            TINY + ["--epochs", "2", "--blocks", "2", "--search-budget", "0", "--out", str(out)]
+        )
+        == 0
+    )
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     cfg = close.Config(**checkpoint["config"])
     data = close.load_dataset(cfg)
@@ -739,15 +993,19 @@ def test_the_python_api_scores_an_arch_as_the_command_line_does(tmp_path):
 
 @pytest.fixture
 def ctrl_c_interrupts():
-    """Ctrl-C raises KeyboardInterrupt, as in a terminal, also when the suite runs as a background job
-    (a shell starts those with SIGINT ignored, and os.kill(SIGINT) would then do nothing)."""
+    """Ctrl-C raises KeyboardInterrupt, as in a terminal, also when the suite runs as a background
+    job (a shell starts those with SIGINT ignored, and os.kill(SIGINT) would then do nothing)."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
 
 
-@pytest.mark.parametrize("stop_at_call", [1, 3])  # 2 steps per epoch: before any checkpoint, and mid-epoch 2
-def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch, stop_at_call, ctrl_c_interrupts):
+@pytest.mark.parametrize(
+    "stop_at_call", [1, 3]
+)  # 2 steps per epoch: before any checkpoint, and mid-epoch 2
+def test_resume_is_bit_identical_to_an_uninterrupted_run(
+    tmp_path, monkeypatch, stop_at_call, ctrl_c_interrupts
+):
     # 3 epochs and 3 blocks: epoch 2 (index 1) starts with a growth and the optimizer restart
     args = TINY + ["--epochs", "3", "--blocks", "3"]
     assert close.main(args + ["--out", str(tmp_path / "straight")]) == 0
@@ -764,9 +1022,13 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch, 
     monkeypatch.setattr(close, "train_step", train_step_then_ctrl_c)
     assert close.main(args + ["--out", str(tmp_path / "resumed")]) == 130
     checkpoint = tmp_path / "resumed" / "checkpoint.pt"
-    assert (torch.load(checkpoint, weights_only=True)["epoch"] if checkpoint.exists() else 0) == stop_at_call // 2
+    assert (
+        torch.load(checkpoint, weights_only=True)["epoch"] if checkpoint.exists() else 0
+    ) == stop_at_call // 2
     monkeypatch.setattr(close, "train_step", real_train_step)
-    assert close.main(args + ["--out", str(tmp_path / "resumed"), "--resume"]) == 0  # repeats the stopped epoch
+    assert (
+        close.main(args + ["--out", str(tmp_path / "resumed"), "--resume"]) == 0
+    )  # repeats the stopped epoch
 
     log_a, scores_a, state_a = run_rows(tmp_path / "straight")
     log_b, scores_b, state_b = run_rows(tmp_path / "resumed")
@@ -784,25 +1046,79 @@ def test_scoring_resumes_from_partial_scores(tmp_path, monkeypatch):
     (out / "scores.csv").write_text("".join(lines[:6]) + lines[6][:10])  # 5 rows and a torn one
     scored = []
     real_score_arch = close.score_arch
-    monkeypatch.setattr(close, "score_arch", lambda model, arch, *a, **k: scored.append(arch) or real_score_arch(model, arch, *a, **k))
-    assert close.main(TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out), "--resume", "--search-budget", "0"]) == 0
+    monkeypatch.setattr(
+        close,
+        "score_arch",
+        lambda model, arch, *a, **k: scored.append(arch) or real_score_arch(model, arch, *a, **k),
+    )
+    assert (
+        close.main(
+            TINY
+            + [
+                "--epochs",
+                "2",
+                "--blocks",
+                "2",
+                "--out",
+                str(out),
+                "--resume",
+                "--search-budget",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert len(scored) == 12 - 5
     assert (out / "scores.csv").read_text() == complete
 
 
 def test_resume_and_load_take_the_runs_own_options(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = TINY + ["--epochs", "2", "--blocks", "2", "--search-budget", "0", "--train-subset", "256", "--out", str(out)]
+    argv = TINY + [
+        "--epochs",
+        "2",
+        "--blocks",
+        "2",
+        "--search-budget",
+        "0",
+        "--train-subset",
+        "256",
+        "--out",
+        str(out),
+    ]
     assert close.main(argv) == 0
     (out / "metrics.json").unlink()
-    assert close.main(["--resume", "--out", str(out)]) == 0  # nothing retyped: data, sizes and scoring come from the run
+    assert (
+        close.main(["--resume", "--out", str(out)]) == 0
+    )  # nothing retyped: data, sizes and scoring come from the run
     assert json.loads((out / "metrics.json").read_text())["scored_archs"] == 12
     capsys.readouterr()
-    assert close.main(["--load", str(out / "checkpoint.pt"), "--data", "synthetic", "--out", str(tmp_path / "b")]) == 0
+    assert (
+        close.main(
+            [
+                "--load",
+                str(out / "checkpoint.pt"),
+                "--data",
+                "synthetic",
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "b" / "scores.csv").read_text() == (out / "scores.csv").read_text()
-    cfg, _ = close.settle_options(close.Config(data="/elsewhere"), {"data"}, False, str(out / "checkpoint.pt"))
-    assert cfg.channels == 4 and cfg.eval_archs == 12 and cfg.out == str(out / "rescored") and cfg.data == "/elsewhere"
-    assert "--channels (4 there, 8 now)" in error_line(capsys, ["--load", str(out / "checkpoint.pt"), "--channels", "8"])
+    cfg, _ = close.settle_options(
+        close.Config(data="/elsewhere"), {"data"}, False, str(out / "checkpoint.pt")
+    )
+    assert (
+        cfg.channels == 4
+        and cfg.eval_archs == 12
+        and cfg.out == str(out / "rescored")
+        and cfg.data == "/elsewhere"
+    )
+    assert "--channels (4 there, 8 now)" in error_line(
+        capsys, ["--load", str(out / "checkpoint.pt"), "--channels", "8"]
+    )
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
@@ -812,7 +1128,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     def poisoned_train_step(model, optimizer, images, labels, arch, grad_clip):
         calls.append(arch)
         loss, logits = real_train_step(model, optimizer, images, labels, arch, grad_clip)
-        return (loss * float("nan") if len(calls) == 2 + 2 else loss), logits  # epoch 2 (2 steps/epoch), step 2
+        return (
+            loss * float("nan") if len(calls) == 2 + 2 else loss
+        ), logits  # epoch 2 (2 steps/epoch), step 2
 
     monkeypatch.setattr(close, "train_step", poisoned_train_step)
     err = error_line(capsys, TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out)])
@@ -823,8 +1141,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
 def test_interrupt_before_anything_is_saved_says_so(tmp_path, capsys, monkeypatch):
     def ctrl_c(cfg):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(close, "load_dataset", ctrl_c)
-    assert close.main(TINY + ["--epochs", "1", "--blocks", "1", "--out", str(tmp_path / "run")]) == 130
+    assert (
+        close.main(TINY + ["--epochs", "1", "--blocks", "1", "--out", str(tmp_path / "run")]) == 130
+    )
     err = capsys.readouterr().err
     assert "nothing was saved" in err and "--resume" not in err and not (tmp_path / "run").exists()
 
@@ -832,18 +1153,23 @@ def test_interrupt_before_anything_is_saved_says_so(tmp_path, capsys, monkeypatc
 def test_library_callers_keep_sigterm(monkeypatch):
     before = signal.getsignal(signal.SIGTERM)
     with close.StopRequest():
-        assert signal.getsignal(signal.SIGTERM) is before  # so `timeout pytest` can stop a training test
+        assert (
+            signal.getsignal(signal.SIGTERM) is before
+        )  # so `timeout pytest` can stop a training test
         assert signal.getsignal(signal.SIGINT) != signal.default_int_handler
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--device", "tpu"], "unknown device"),
-    (["--epochs", "2", "--blocks", "5"], "smaller than the 5 curriculum stages"),
-    (["--batch-size", "0"], "--batch-size must be positive"),
-    (["--blocks", "0"], "--blocks must be positive"),
-    (["--nb201", "/nonexistent/nb201.csv"], "--nb201 /nonexistent/nb201.csv"),
-    (["--data", "/nonexistent/folder"], "--data /nonexistent/folder"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--device", "tpu"], "unknown device"),
+        (["--epochs", "2", "--blocks", "5"], "smaller than the 5 curriculum stages"),
+        (["--batch-size", "0"], "--batch-size must be positive"),
+        (["--blocks", "0"], "--blocks must be positive"),
+        (["--nb201", "/nonexistent/nb201.csv"], "--nb201 /nonexistent/nb201.csv"),
+        (["--data", "/nonexistent/folder"], "--data /nonexistent/folder"),
+    ],
+)
 def test_bad_input_is_one_clear_line_and_touches_nothing(tmp_path, capsys, extra, message):
     out = tmp_path / "run"
     err = error_line(capsys, TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out)] + extra)
@@ -851,17 +1177,31 @@ def test_bad_input_is_one_clear_line_and_touches_nothing(tmp_path, capsys, extra
     assert not out.exists()
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--lr", "-1"], "--lr must be positive"), (["--momentum", "-0.5"], "--momentum must be in [0, 1)"),
-    (["--weight-decay", "-1"], "--weight-decay must be 0 or more"), (["--population", "0"], "--population must be positive"),
-    (["--tournament", "0"], "--tournament must be positive"), (["--grad-clip", "0"], "--grad-clip must be positive"),
-    (["--eval-gate", "best"], "--eval-gate: invalid choice: 'best'"), (["--lr", "fast"], "--lr: invalid float value"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--lr", "-1"], "--lr must be positive"),
+        (["--momentum", "-0.5"], "--momentum must be in [0, 1)"),
+        (["--weight-decay", "-1"], "--weight-decay must be 0 or more"),
+        (["--population", "0"], "--population must be positive"),
+        (["--tournament", "0"], "--tournament must be positive"),
+        (["--grad-clip", "0"], "--grad-clip must be positive"),
+        (["--eval-gate", "best"], "--eval-gate: invalid choice: 'best'"),
+        (["--lr", "fast"], "--lr: invalid float value"),
+    ],
+)
 def test_a_bad_value_fails_at_once_and_leaves_the_folder_free(tmp_path, capsys, extra, message):
     out = tmp_path / "run"
-    assert message in error_line(capsys, TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out)] + extra)
+    assert message in error_line(
+        capsys, TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out)] + extra
+    )
     assert not out.exists()
-    assert close.main(TINY + ["--epochs", "1", "--blocks", "1", "--search-budget", "0", "--out", str(out)]) == 0  # the fixed command runs
+    assert (
+        close.main(
+            TINY + ["--epochs", "1", "--blocks", "1", "--search-budget", "0", "--out", str(out)]
+        )
+        == 0
+    )  # the fixed command runs
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -872,16 +1212,24 @@ def test_cuda_without_cuda_is_a_clear_error(capsys):
 def test_bad_nb201_file_and_bad_image_folders(tmp_path, capsys):
     garbage = tmp_path / "nb201.pth"
     garbage.write_bytes(b"not a pickle")
-    assert "--nb201" in error_line(capsys, TINY + ["--nb201", str(garbage), "--out", str(tmp_path / "a")])
+    assert "--nb201" in error_line(
+        capsys, TINY + ["--nb201", str(garbage), "--out", str(tmp_path / "a")]
+    )
     unknown = tmp_path / "nb201.xyz"
     unknown.write_text("hello")
-    assert "--nb201" in error_line(capsys, TINY + ["--nb201", str(unknown), "--out", str(tmp_path / "a")])
+    assert "--nb201" in error_line(
+        capsys, TINY + ["--nb201", str(unknown), "--out", str(tmp_path / "a")]
+    )
     (tmp_path / "empty").mkdir()
-    assert "not an image-folder tree" in error_line(capsys, TINY + ["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "a")])
+    assert "not an image-folder tree" in error_line(
+        capsys, TINY + ["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "a")]
+    )
     one_class = tmp_path / "one" / "train" / "cat"
     one_class.mkdir(parents=True)
     write_png(one_class / "0.png", 0)
-    assert "need at least 2" in error_line(capsys, TINY + ["--data", str(tmp_path / "one"), "--out", str(tmp_path / "a")])
+    assert "need at least 2" in error_line(
+        capsys, TINY + ["--data", str(tmp_path / "one"), "--out", str(tmp_path / "a")]
+    )
     assert not (tmp_path / "a").exists()
 
 
@@ -893,11 +1241,21 @@ def test_loading_a_file_that_is_not_a_checkpoint_gives_no_unsafe_advice(tmp_path
 
 def test_an_out_folder_holding_a_run_is_protected(tmp_path, capsys):
     out = tmp_path / "run"
-    assert close.main(TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out), "--search-budget", "0"]) == 0
+    assert (
+        close.main(
+            TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out), "--search-budget", "0"]
+        )
+        == 0
+    )
     capsys.readouterr()
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert "already holds a run" in error_line(capsys, TINY + ["--epochs", "3", "--blocks", "2", "--out", str(out)])
-    err = error_line(capsys, TINY + ["--epochs", "3", "--blocks", "2", "--seed", "1", "--out", str(out), "--resume"])
+    assert "already holds a run" in error_line(
+        capsys, TINY + ["--epochs", "3", "--blocks", "2", "--out", str(out)]
+    )
+    err = error_line(
+        capsys,
+        TINY + ["--epochs", "3", "--blocks", "2", "--seed", "1", "--out", str(out), "--resume"],
+    )
     assert "--epochs (2 there, 3 now)" in err and "--seed (0 there, 1 now)" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
@@ -908,36 +1266,79 @@ def test_an_out_folder_of_other_files_is_refused_untouched(tmp_path, capsys):
     (out / "scores.csv").write_text("the user's own scores")
     err = error_line(capsys, TINY + ["--epochs", "1", "--blocks", "1", "--out", str(out)])
     assert "already holds other files" in err
-    assert [(p.name, p.read_text()) for p in out.iterdir()] == [("scores.csv", "the user's own scores")]
+    assert [(p.name, p.read_text()) for p in out.iterdir()] == [
+        ("scores.csv", "the user's own scores")
+    ]
     (out / "scores.csv").unlink()  # an empty folder is fine
-    assert close.main(TINY + ["--epochs", "1", "--blocks", "1", "--search-budget", "0", "--out", str(out)]) == 0
+    assert (
+        close.main(
+            TINY + ["--epochs", "1", "--blocks", "1", "--search-budget", "0", "--out", str(out)]
+        )
+        == 0
+    )
 
 
 def test_an_occupied_out_is_reported_before_the_data_is_read(tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    assert close.main(TINY + ["--epochs", "1", "--blocks", "1", "--search-budget", "0", "--out", str(out)]) == 0
+    assert (
+        close.main(
+            TINY + ["--epochs", "1", "--blocks", "1", "--search-budget", "0", "--out", str(out)]
+        )
+        == 0
+    )
     monkeypatch.setattr(close, "load_dataset", lambda cfg: pytest.fail("the data was read first"))
-    assert "already holds a run" in error_line(capsys, TINY + ["--epochs", "1", "--blocks", "1", "--out", str(out)])
+    assert "already holds a run" in error_line(
+        capsys, TINY + ["--epochs", "1", "--blocks", "1", "--out", str(out)]
+    )
 
 
 def test_default_output_folders_differ_by_data_and_size():
-    names = {close.default_out(close.Config(**options)) for options in
-             ({}, {"data": "synthetic"}, {"data": "/some/cifar10-jpg"}, {"channels": 8}, {"cells": 1}, {"epochs": 10}, {"baseline": True})}
-    assert len(names) == 7 and close.default_out(close.Config(data="synthetic", seed=3)).name == "close-synthetic-C16x5-250ep-seed3"
+    names = {
+        close.default_out(close.Config(**options))
+        for options in (
+            {},
+            {"data": "synthetic"},
+            {"data": "/some/cifar10-jpg"},
+            {"channels": 8},
+            {"cells": 1},
+            {"epochs": 10},
+            {"baseline": True},
+        )
+    }
+    assert (
+        len(names) == 7
+        and close.default_out(close.Config(data="synthetic", seed=3)).name
+        == "close-synthetic-C16x5-250ep-seed3"
+    )
 
 
 def test_summary_and_compare_say_what_their_numbers_are(tmp_path, capsys):
     nb201 = fake_nb201_csv(tmp_path / "fake.csv")
     long_name = tmp_path / "a-run-with-a-rather-long-folder-name"
-    assert close.main(TINY + ["--epochs", "2", "--blocks", "2", "--nb201", str(nb201), "--out", str(long_name)]) == 0
+    assert (
+        close.main(
+            TINY
+            + ["--epochs", "2", "--blocks", "2", "--nb201", str(nb201), "--out", str(long_name)]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
-    assert f"== {long_name.name} (" in printed and "/6,466" in printed and "P@top/bottom K:" in printed
+    assert (
+        f"== {long_name.name} (" in printed and "/6,466" in printed and "P@top/bottom K:" in printed
+    )
     epochs = [line for line in printed.splitlines() if line.startswith("epoch ")]
     log = list(csv.DictReader(open(long_name / "log.csv")))
-    assert [f"acc {float(row['accuracy']):5.1f}%" in line for row, line in zip(log, epochs)] == [True, True]  # percent
+    assert [f"acc {float(row['accuracy']):5.1f}%" in line for row, line in zip(log, epochs)] == [
+        True,
+        True,
+    ]  # percent
     assert " left or more" in epochs[0] and " left" not in epochs[1] and "0.0 min" not in printed
-    gate = json.loads((long_name / "metrics.json").read_text())["gate"]  # the GATE's numbers, each in words
-    assert f"its likeliest block: one block for {1 - gate['off_dominant']:.0%} of the edges" in printed
+    gate = json.loads((long_name / "metrics.json").read_text())[
+        "gate"
+    ]  # the GATE's numbers, each in words
+    assert (
+        f"its likeliest block: one block for {1 - gate['off_dominant']:.0%} of the edges" in printed
+    )
     assert f"its draws: {gate['entropy']:.0%} as random as a uniform pick" in printed
     assert "scoring (--eval-gate): edges per block [" in printed
     plotting = importlib.util.find_spec("matplotlib") is not None
@@ -946,15 +1347,26 @@ def test_summary_and_compare_say_what_their_numbers_are(tmp_path, capsys):
         (long_name / "ranking.png").unlink()
         assert close.main(["--plot", str(long_name)]) == 0 and (long_name / "ranking.png").exists()
     else:
-        assert "--plot needs matplotlib: pip install matplotlib" in error_line(capsys, ["--plot", str(long_name)])
+        assert "--plot needs matplotlib: pip install matplotlib" in error_line(
+            capsys, ["--plot", str(long_name)]
+        )
     capsys.readouterr()
     assert close.main(["--compare", str(long_name), str(long_name)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == [long_name.name] * 2 and table[1].split()[0] == "kendall_tau"
-    assert any(line.startswith("mean one-shot") for line in table) and any(line.startswith("search rank") for line in table)
-    assert close.main(TINY + ["--epochs", "1", "--blocks", "1", "--out", str(tmp_path / "no-truth")]) == 0
+    assert any(line.startswith("mean one-shot") for line in table) and any(
+        line.startswith("search rank") for line in table
+    )
+    assert (
+        close.main(TINY + ["--epochs", "1", "--blocks", "1", "--out", str(tmp_path / "no-truth")])
+        == 0
+    )
     printed = capsys.readouterr().out  # without --nb201: no rows of "-" for what was not measured
-    assert "search rank" not in printed and "search NB201" not in printed and "kendall_tau" not in printed
+    assert (
+        "search rank" not in printed
+        and "search NB201" not in printed
+        and "kendall_tau" not in printed
+    )
     assert "mean one-shot" in printed and "search (16 evaluations) found" in printed
 
 
@@ -964,8 +1376,13 @@ def test_help_shows_every_default_and_says_what_benchmark_times(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for option in dataclasses.fields(close.Config):  # zeros too: --seed, --eval-seed, --eval-archs
         if option.default != "" and not isinstance(option.default, bool):
-            assert f"{' '.join(option.metadata['help'].split())} (default: {option.default})" in text
-    assert "time training steps, vanilla and CLOSENet at each level" in text and "scoring" not in text.split("--benchmark ")[1][:80]
+            assert (
+                f"{' '.join(option.metadata['help'].split())} (default: {option.default})" in text
+            )
+    assert (
+        "time training steps, vanilla and CLOSENet at each level" in text
+        and "scoring" not in text.split("--benchmark ")[1][:80]
+    )
 
 
 def test_progress_line_once_a_minute(capsys):
@@ -978,25 +1395,73 @@ def test_progress_line_once_a_minute(capsys):
 # ---------------------------------------------------------------------------------------------
 # 9. Command line, in a subprocess
 # ---------------------------------------------------------------------------------------------
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # as torch.set_num_threads(1) above, for a child process
+ONE_THREAD = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+}  # as torch.set_num_threads(1) above, for a child process
 
 
 def test_cli_error_exit_code_in_a_subprocess_and_benchmark(tmp_path, monkeypatch):
-    # A child started in a folder that no longer exists dies in `import torch` ("oneMKL FATAL ERROR:
-    # Cannot load libtorch_cpu.so"), as when the suite's folder is removed while it runs: every child
-    # here gets a folder of its own (cwd), and this test runs from a removed one to prove it.
+    # A child started in a folder that no longer exists dies in `import torch` ("oneMKL FATAL
+    # ERROR: Cannot load libtorch_cpu.so"), as when the suite's folder is removed while it runs:
+    # every child here gets a folder of its own (cwd), and this test runs from a removed one.
     gone = tmp_path / "gone"
     gone.mkdir()
     with monkeypatch.context() as here:
         here.chdir(gone)
         gone.rmdir()
-        result = subprocess.run([sys.executable, str(ROOT / "close.py"), "--data", "synthetic", "--epochs", "1", "--blocks",
-                                 "5", "--out", str(tmp_path / "x")], capture_output=True, text=True, env=ONE_THREAD, cwd=tmp_path)
-    assert result.returncode == 2 and result.stderr.startswith("close.py: error:") and "Traceback" not in result.stderr
-    assert close.main(["--benchmark", "--device", "cpu", "--cells", "1", "--channels", "4", "--blocks", "2", "--batch-size", "8",
-                       "--benchmark-steps", "1", "--out", str(tmp_path)]) == 0
+        result = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "close.py"),
+                "--data",
+                "synthetic",
+                "--epochs",
+                "1",
+                "--blocks",
+                "5",
+                "--out",
+                str(tmp_path / "x"),
+            ],
+            capture_output=True,
+            text=True,
+            env=ONE_THREAD,
+            cwd=tmp_path,
+        )
+    assert (
+        result.returncode == 2
+        and result.stderr.startswith("close.py: error:")
+        and "Traceback" not in result.stderr
+    )
+    assert (
+        close.main(
+            [
+                "--benchmark",
+                "--device",
+                "cpu",
+                "--cells",
+                "1",
+                "--channels",
+                "4",
+                "--blocks",
+                "2",
+                "--batch-size",
+                "8",
+                "--benchmark-steps",
+                "1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     bench = json.loads((tmp_path / "benchmark.json").read_text())
-    assert {"vanilla_ms_per_step", "close_level1_ms_per_step", "close_level2_ratio", "close_level2_iqr_ms"} <= set(bench)
+    assert {
+        "vanilla_ms_per_step",
+        "close_level1_ms_per_step",
+        "close_level2_ratio",
+        "close_level2_iqr_ms",
+    } <= set(bench)
 
 
 # Under torchrun: 2 ranks on the CPU (gloo). A stop is Ctrl-C on torchrun itself, which forwards it
@@ -1022,9 +1487,22 @@ def torchrun(tmp_path, argv, stop_in="", stop_at=0):
     if stop_in:
         (tmp_path / "stop.py").write_text(STOP_WRAPPER)
         script = [str(tmp_path / "stop.py"), str(ROOT)]
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           *script, *argv], capture_output=True, text=True, cwd=tmp_path,
-                          env={**ONE_THREAD, "STOP_IN": stop_in, "STOP_AT": str(stop_at)})
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            *script,
+            *argv,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**ONE_THREAD, "STOP_IN": stop_in, "STOP_AT": str(stop_at)},
+    )
 
 
 def test_torchrun_scores_exactly_as_one_process_and_resumes_after_stops(tmp_path):
@@ -1033,11 +1511,15 @@ def test_torchrun_scores_exactly_as_one_process_and_resumes_after_stops(tmp_path
     assert close.main(argv + ["--out", str(tmp_path / "one")]) == 0
     # stopped in training epoch 2 of 4 (rank 0 trains, rank 1 waits): the checkpoint has epoch 1
     stopped = torchrun(tmp_path, argv + ["--out", "two"], "train_step", 3)
-    assert stopped.returncode != 0 and "--resume continues" in stopped.stderr, stopped.stderr[-3000:]
+    assert stopped.returncode != 0 and "--resume continues" in stopped.stderr, stopped.stderr[
+        -3000:
+    ]
     assert torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["epoch"] == 1
     # resumed, then stopped while scoring: both ranks stop after the same round, rank 0 keeps it
     stopped = torchrun(tmp_path, ["--resume", "--out", "two"], "score_arch", 3)
-    assert stopped.returncode != 0 and "stopped while scoring" in stopped.stderr, stopped.stderr[-3000:]
+    assert stopped.returncode != 0 and "stopped while scoring" in stopped.stderr, stopped.stderr[
+        -3000:
+    ]
     assert 2 <= len((tmp_path / "two" / "scores.csv").read_text().splitlines()) - 1 < 12
     finished = torchrun(tmp_path, ["--resume", "--out", "two"])
     assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-6000:]
@@ -1046,15 +1528,32 @@ def test_torchrun_scores_exactly_as_one_process_and_resumes_after_stops(tmp_path
         assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text(), name
     assert run_rows(tmp_path / "one")[0] == run_rows(tmp_path / "two")[0]  # log.csv, timings aside
     one, two = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two"))
-    assert one["ranking"] == two["ranking"] and one["scoring_edges_per_block"] == two["scoring_edges_per_block"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fake.csv", "one", "stop.py", "two"]  # nothing else
+    assert (
+        one["ranking"] == two["ranking"]
+        and one["scoring_edges_per_block"] == two["scoring_edges_per_block"]
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "fake.csv",
+        "one",
+        "stop.py",
+        "two",
+    ]  # nothing else
 
 
 def test_close_py_alone_asks_for_nb201_api_slim(tmp_path):
     shutil.copy(ROOT / "close.py", tmp_path / "close.py")
-    result = subprocess.run([sys.executable, "close.py", "--data", "synthetic", "--nb201", "x.csv", "--out", "run"],
-                            cwd=tmp_path, capture_output=True, text=True, env=ONE_THREAD)
-    assert result.returncode == 2 and "nb201_api_slim.py" in result.stderr and "Traceback" not in result.stderr
+    result = subprocess.run(
+        [sys.executable, "close.py", "--data", "synthetic", "--nb201", "x.csv", "--out", "run"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=ONE_THREAD,
+    )
+    assert (
+        result.returncode == 2
+        and "nb201_api_slim.py" in result.stderr
+        and "Traceback" not in result.stderr
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1064,19 +1563,35 @@ NB201_MODULE = Path(nb.__file__).resolve()
 
 # Five cells written out by hand (not generated by the module under test).
 NB201_ARCHS = [
-    "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_3x3~1|nor_conv_1x1~2|",
+    BEST_CIFAR10,
     "|none~0|+|none~0|none~1|+|none~0|none~1|none~2|",
     "|skip_connect~0|+|nor_conv_1x1~0|nor_conv_3x3~1|+|avg_pool_3x3~0|none~1|skip_connect~2|",
-    "|avg_pool_3x3~0|+|avg_pool_3x3~0|avg_pool_3x3~1|+|avg_pool_3x3~0|avg_pool_3x3~1|avg_pool_3x3~2|",
+    "|avg_pool_3x3~0|+|avg_pool_3x3~0|avg_pool_3x3~1|"
+    "+|avg_pool_3x3~0|avg_pool_3x3~1|avg_pool_3x3~2|",
     "|nor_conv_1x1~0|+|skip_connect~0|none~1|+|nor_conv_3x3~0|nor_conv_1x1~1|avg_pool_3x3~2|",
 ]
-NB201_OPS = [(3, 3, 3, 1, 3, 2), (0, 0, 0, 0, 0, 0), (1, 2, 3, 4, 0, 1), (4, 4, 4, 4, 4, 4), (2, 1, 0, 3, 2, 4)]
+NB201_OPS = [
+    (3, 3, 3, 1, 3, 2),
+    (0, 0, 0, 0, 0, 0),
+    (1, 2, 3, 4, 0, 1),
+    (4, 4, 4, 4, 4, 4),
+    (2, 1, 0, 3, 2, 4),
+]
 NB201_ALL = ("cifar10", "cifar100", "ImageNet16-120", "cifar10-valid")
 NB201_FULL_COLUMNS = NB201_ALL + tuple(f"{d}@12" for d in NB201_ALL)
 # Splits each official trial records; the one get_more_info calls 'test' is listed in TEST.
-NB201_SPLITS = {"cifar10": ["ori-test"], "cifar10-valid": ["x-valid", "ori-test"],
-                "cifar100": ["ori-test", "x-valid", "x-test"], "ImageNet16-120": ["ori-test", "x-valid", "x-test"]}
-NB201_TEST = {"cifar10": "ori-test", "cifar10-valid": "ori-test", "cifar100": "x-test", "ImageNet16-120": "x-test"}
+NB201_SPLITS = {
+    "cifar10": ["ori-test"],
+    "cifar10-valid": ["x-valid", "ori-test"],
+    "cifar100": ["ori-test", "x-valid", "x-test"],
+    "ImageNet16-120": ["ori-test", "x-valid", "x-test"],
+}
+NB201_TEST = {
+    "cifar10": "ori-test",
+    "cifar10-valid": "ori-test",
+    "cifar100": "x-test",
+    "ImageNet16-120": "x-test",
+}
 
 
 def nb201_expected(index, dataset, epochs):
@@ -1109,12 +1624,24 @@ def nb201_trial(arch, dataset, seed, epochs, test_acc):
         if split != NB201_TEST[dataset]:
             accs[f"{split}@{epochs - 1}"] = test_acc - 2 - split_no
     accs[f"{NB201_TEST[dataset]}@{epochs - 1}"] = test_acc
-    return {"name": dataset, "net_state_dict": None, "seed": seed, "epochs": epochs,
-            "train_acc1es": {e: 99.0 for e in range(epochs)}, "train_acc5es": None,
-            "train_losses": {e: 0.1 for e in range(epochs)}, "train_times": {e: 9.0 for e in range(epochs)},
-            "arch_config": {"channel": 16, "num_cells": 5, "arch_str": arch, "class_num": 10},
-            "params": 0.5, "flop": 50.0, "latency": [0.02], "eval_names": list(NB201_SPLITS[dataset]),
-            "eval_acc1es": accs, "eval_losses": {k: 1.0 for k in accs}, "eval_times": {k: 0.5 for k in accs}}
+    return {
+        "name": dataset,
+        "net_state_dict": None,
+        "seed": seed,
+        "epochs": epochs,
+        "train_acc1es": {e: 99.0 for e in range(epochs)},
+        "train_acc5es": None,
+        "train_losses": {e: 0.1 for e in range(epochs)},
+        "train_times": {e: 9.0 for e in range(epochs)},
+        "arch_config": {"channel": 16, "num_cells": 5, "arch_str": arch, "class_num": 10},
+        "params": 0.5,
+        "flop": 50.0,
+        "latency": [0.02],
+        "eval_names": list(NB201_SPLITS[dataset]),
+        "eval_acc1es": accs,
+        "eval_losses": {k: 1.0 for k in accs},
+        "eval_times": {k: 0.5 for k in accs},
+    }
 
 
 def nb201_arch_results(index, epochs, datasets):
@@ -1127,19 +1654,28 @@ def nb201_arch_results(index, epochs, datasets):
         for seed, offset in seeds.items():
             test_acc = nb201_expected(index, dataset, epochs) + offset
             all_results[(dataset, seed)] = nb201_trial(arch, dataset, seed, epochs, test_acc)
-    return {"arch_index": index, "arch_str": arch, "all_results": all_results,
-            "dataset_seed": dataset_seed, "clear_net_done": True}
+    return {
+        "arch_index": index,
+        "arch_str": arch,
+        "all_results": all_results,
+        "dataset_seed": dataset_seed,
+        "clear_net_done": True,
+    }
 
 
 def nb201_per_hp(index, less_key, full_key, less_datasets=NB201_ALL):
-    return {less_key: nb201_arch_results(index, 12, less_datasets),
-            full_key: nb201_arch_results(index, 200, NB201_ALL)}
+    return {
+        less_key: nb201_arch_results(index, 12, less_datasets),
+        full_key: nb201_arch_results(index, 200, NB201_ALL),
+    }
 
 
 def nb201_benchmark(less_key, full_key, less_datasets=NB201_ALL):
-    return {"meta_archs": list(NB201_ARCHS),
-            "arch2infos": {i: nb201_per_hp(i, less_key, full_key, less_datasets) for i in range(5)},
-            "evaluated_indexes": list(range(5))}
+    return {
+        "meta_archs": list(NB201_ARCHS),
+        "arch2infos": {i: nb201_per_hp(i, less_key, full_key, less_datasets) for i in range(5)},
+        "evaluated_indexes": list(range(5)),
+    }
 
 
 def nb201_write_pbz2(obj, path):
@@ -1152,13 +1688,17 @@ def nb201_sources(tmp_path_factory):
     """One tiny benchmark in each official layout."""
     torch = pytest.importorskip("torch")
     root = tmp_path_factory.mktemp("nb201_sources")
-    sources = {"pth": root / "NAS-Bench-201-v1_1-096897.pth",
-               "pth_v1_0": root / "NAS-Bench-201-v1_0-e61699.pth",
-               "pbz2": root / "NATS-tss-v1_0-3ffb9.pickle.pbz2",
-               "nats_dir": root / "NATS-tss-v1_0-3ffb9-simple"}
+    sources = {
+        "pth": root / "NAS-Bench-201-v1_1-096897.pth",
+        "pth_v1_0": root / "NAS-Bench-201-v1_0-e61699.pth",
+        "pbz2": root / "NATS-tss-v1_0-3ffb9.pickle.pbz2",
+        "nats_dir": root / "NATS-tss-v1_0-3ffb9-simple",
+    }
     torch.save(nb201_benchmark("less", "full"), sources["pth"])
     # v1_0 trained the 12-epoch schedule on cifar10-valid only.
-    torch.save(nb201_benchmark("less", "full", less_datasets=("cifar10-valid",)), sources["pth_v1_0"])
+    torch.save(
+        nb201_benchmark("less", "full", less_datasets=("cifar10-valid",)), sources["pth_v1_0"]
+    )
     nb201_write_pbz2(nb201_benchmark("12", "200"), sources["pbz2"])
     sources["nats_dir"].mkdir()
     nb201_write_pbz2({"meta_archs": list(NB201_ARCHS)}, sources["nats_dir"] / "meta.pickle.pbz2")
@@ -1183,39 +1723,61 @@ def nb201_assert_expected_table(table, columns=NB201_FULL_COLUMNS):
         for column in columns:
             dataset, _, epochs = column.partition("@")
             epochs = int(epochs or 200)
-            assert table.accuracy(i, dataset, epochs) == pytest.approx(nb201_expected(i, dataset, epochs), abs=5e-5)
+            assert table.accuracy(i, dataset, epochs) == pytest.approx(
+                nb201_expected(i, dataset, epochs), abs=5e-5
+            )
 
 
 # ---- arch strings ---------------------------------------------------------------------------
+
 
 def test_nb201_arch_string_and_ops_convert_both_ways():
     for arch, ops in zip(NB201_ARCHS, NB201_OPS):
         assert nb.ops_to_arch_string(ops) == arch
         assert nb.arch_string_to_ops(arch) == ops
-    every_ops = [tuple(int(c) for c in np.base_repr(n, 5).zfill(6)) for n in range(5 ** 6)]
+    every_ops = [tuple(int(c) for c in np.base_repr(n, 5).zfill(6)) for n in range(5**6)]
     strings = {nb.ops_to_arch_string(ops) for ops in every_ops}
-    assert len(strings) == 5 ** 6
+    assert len(strings) == 5**6
     assert all(nb.arch_string_to_ops(nb.ops_to_arch_string(ops)) == ops for ops in every_ops[::97])
 
 
-@pytest.mark.parametrize("bad", [
-    "", "|nor_conv_3x3~0|", NB201_ARCHS[0] + "|", NB201_ARCHS[0].replace("~1|", "~0|", 1),
-    NB201_ARCHS[1].replace("none~0|+", "conv~0|+", 1), NB201_ARCHS[0].replace("+", "+ ", 1),
-    "|none~0|+|none~0|none~1|+|none~0|none~1|", None])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "|nor_conv_3x3~0|",
+        NB201_ARCHS[0] + "|",
+        NB201_ARCHS[0].replace("~1|", "~0|", 1),
+        NB201_ARCHS[1].replace("none~0|+", "conv~0|+", 1),
+        NB201_ARCHS[0].replace("+", "+ ", 1),
+        "|none~0|+|none~0|none~1|+|none~0|none~1|",
+        None,
+    ],
+)
 def test_nb201_malformed_arch_string_is_rejected(bad):
     with pytest.raises(ValueError, match="not a NAS-Bench-201 cell string") as err:
         nb.arch_string_to_ops(bad)
     assert repr(bad) in str(err.value)
 
 
-@pytest.mark.parametrize("bad", [(3, 3, 3, 1, 3), (3, 3, 3, 1, 3, 5), (3, 3, 3, 1, 3, -1), (3, 3, 3, 1, 3, True),
-                                 ("3", 3, 3, 1, 3, 2), (3, 3, 3, 1, 3, 2.0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        (3, 3, 3, 1, 3),
+        (3, 3, 3, 1, 3, 5),
+        (3, 3, 3, 1, 3, -1),
+        (3, 3, 3, 1, 3, True),
+        ("3", 3, 3, 1, 3, 2),
+        (3, 3, 3, 1, 3, 2.0),
+    ],
+)
 def test_nb201_malformed_ops_are_rejected(bad):
     with pytest.raises(ValueError, match="6 op indices"):
         nb.ops_to_arch_string(bad)
 
 
 # ---- official layouts -----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("layout", ["pth", "pbz2", "nats_dir"])
 def test_nb201_each_official_layout_gives_mean_test_accuracy(nb201_sources, layout):
@@ -1242,20 +1804,39 @@ def test_nb201_v1_0_has_12_epoch_results_for_cifar10_valid_only(nb201_sources):
 
 def test_nb201_lookup_by_index_string_tuple_list_array_agree(nb201_tables):
     table = nb201_tables["pbz2"]
-    forms = [2, np.int64(2), NB201_ARCHS[2], NB201_OPS[2], list(NB201_OPS[2]), np.array(NB201_OPS[2])]
+    forms = [
+        2,
+        np.int64(2),
+        NB201_ARCHS[2],
+        NB201_OPS[2],
+        list(NB201_OPS[2]),
+        np.array(NB201_OPS[2]),
+    ]
     assert {table.index_of(form) for form in forms} == {2}
-    assert [table.accuracy(form, "cifar100") for form in forms] == [pytest.approx(nb201_expected(2, "cifar100", 200))] * 6
+    assert [table.accuracy(form, "cifar100") for form in forms] == [
+        pytest.approx(nb201_expected(2, "cifar100", 200))
+    ] * 6
     assert table.accuracy(NB201_ARCHS[1]) == pytest.approx(nb201_expected(1, "cifar10", 200))
     # A dataset name from .datasets also works on its own.
     assert table.accuracy(3, "ImageNet16-120@12") == table.accuracy(3, "ImageNet16-120", epochs=12)
 
 
-@pytest.mark.parametrize("arch, message", [
-    ("|none~0|+|none~0|none~1|+|none~0|none~1|skip_connect~2|", "not in this table"),  # valid, absent
-    ((0, 0, 0, 0, 0, 1), "not in this table"),
-    ("|none~0|+|none~0|", "not a NAS-Bench-201 cell string"),
-    ((0, 0, 0), "6 op indices"), (5, "outside 0..4"), (-1, "outside 0..4"), (True, "not an index"), (1.0, "not an index"),
-])
+@pytest.mark.parametrize(
+    "arch, message",
+    [
+        (
+            "|none~0|+|none~0|none~1|+|none~0|none~1|skip_connect~2|",
+            "not in this table",
+        ),  # valid, absent
+        ((0, 0, 0, 0, 0, 1), "not in this table"),
+        ("|none~0|+|none~0|", "not a NAS-Bench-201 cell string"),
+        ((0, 0, 0), "6 op indices"),
+        (5, "outside 0..4"),
+        (-1, "outside 0..4"),
+        (True, "not an index"),
+        (1.0, "not an index"),
+    ],
+)
 def test_nb201_unknown_or_malformed_arch_names_it(nb201_tables, arch, message):
     table = nb201_tables["pbz2"]
     for call in (lambda: table.index_of(arch), lambda: table.accuracy(arch)):
@@ -1264,12 +1845,16 @@ def test_nb201_unknown_or_malformed_arch_names_it(nb201_tables, arch, message):
         assert str(arch) in str(err.value) or repr(arch) in str(err.value)
 
 
-@pytest.mark.parametrize("dataset, epochs", [("imagenet", 200), ("cifar10", 100), ("cifar10", "200"), ("cifar10@12", 12)])
+@pytest.mark.parametrize(
+    "dataset, epochs", [("imagenet", 200), ("cifar10", 100), ("cifar10", "200"), ("cifar10@12", 12)]
+)
 def test_nb201_unknown_dataset_or_epochs_lists_what_is_available(nb201_tables, dataset, epochs):
     table = nb201_tables["pth_v1_0"]
     with pytest.raises(ValueError) as err:
         table.accuracy(0, dataset, epochs)
-    assert "available: cifar10, cifar100, ImageNet16-120, cifar10-valid, cifar10-valid@12" in str(err.value)
+    assert "available: cifar10, cifar100, ImageNet16-120, cifar10-valid, cifar10-valid@12" in str(
+        err.value
+    )
     with pytest.raises(ValueError):
         table.group_accuracies(len, dataset, epochs)
 
@@ -1279,9 +1864,15 @@ def test_nb201_group_accuracies_averages_per_key(nb201_tables):
     groups = table.group_accuracies(lambda arch: arch.count("none"), "cifar100", epochs=12)
     # 'none' counts of the five archs: 0, 6, 1, 0, 1
     e = [nb201_expected(i, "cifar100", 12) for i in range(5)]
-    assert groups == {0: pytest.approx((e[0] + e[3]) / 2), 6: pytest.approx(e[1]), 1: pytest.approx((e[2] + e[4]) / 2)}
+    assert groups == {
+        0: pytest.approx((e[0] + e[3]) / 2),
+        6: pytest.approx(e[1]),
+        1: pytest.approx((e[2] + e[4]) / 2),
+    }
     by_arch = table.group_accuracies(lambda arch: arch)
-    assert by_arch == {a: pytest.approx(nb201_expected(i, "cifar10", 200)) for i, a in enumerate(NB201_ARCHS)}
+    assert by_arch == {
+        a: pytest.approx(nb201_expected(i, "cifar10", 200)) for i, a in enumerate(NB201_ARCHS)
+    }
 
 
 def test_nb201_missing_archive_file_gives_clear_error_and_empty_csv_field(nb201_sources, tmp_path):
@@ -1297,13 +1888,16 @@ def test_nb201_missing_archive_file_gives_clear_error_and_empty_csv_field(nb201_
             table.save_csv(tmp_path / "partial.csv")
         with pytest.raises(ValueError, match="no cifar10 result for architecture 2"):
             table.accuracy(2)
-        assert np.isnan(table.accuracies()[2]) and table.accuracy(3) == pytest.approx(nb201_expected(3, "cifar10", 200))
+        assert np.isnan(table.accuracies()[2]) and table.accuracy(3) == pytest.approx(
+            nb201_expected(3, "cifar10", 200)
+        )
         assert NB201_ARCHS[2] not in table.group_accuracies(lambda a: a)
     row_2 = (tmp_path / "partial.csv").read_text().splitlines()[3]
     assert row_2 == "2," + NB201_ARCHS[2] + ",,,,,,,,"
 
 
 # ---- CSV and CLI ----------------------------------------------------------------------------
+
 
 def test_nb201_csv_round_trip_and_plain_csv_readability(nb201_sources, tmp_path):
     table = nb.load(nb201_sources["pth"])
@@ -1326,6 +1920,7 @@ def test_nb201_csv_is_never_unpickled(nb201_sources, tmp_path, monkeypatch):
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a CSV path reached an unpickler")
+
     monkeypatch.setattr(nb.pickle, "load", forbidden)
     monkeypatch.setattr(nb, "_torch_load", forbidden)
     nb201_assert_expected_table(nb.load(out))
@@ -1361,13 +1956,18 @@ def test_nb201_cli_convert_bad_source_fails_naming_it(tmp_path, capsys):
 
 def test_nb201_cli_help_warns_that_official_files_are_pickles():
     for argv in (["--help"], ["convert", "--help"]):
-        result = subprocess.run([sys.executable, str(NB201_MODULE), *argv], capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, str(NB201_MODULE), *argv], capture_output=True, text=True, timeout=60
+        )
         assert result.returncode == 0
         text = " ".join(result.stdout.split())
-        assert "pickles" in text and "Only load files you trust" in text and "never unpickled" in text
+        assert (
+            "pickles" in text and "Only load files you trust" in text and "never unpickled" in text
+        )
 
 
 # ---- broken inputs ---------------------------------------------------------------------------
+
 
 def nb201_bad_inputs(root, torch):
     """name -> (path, text the error must contain besides the path)."""
@@ -1379,14 +1979,38 @@ def nb201_bad_inputs(root, torch):
         "garbage_pth": (root / "g.pth", b"PK\x03\x04garbage" * 10, "NAS-Bench-201 .pth"),
         "not_bz2": (root / "g.pickle.pbz2", b"plain bytes", "bz2"),
         "wrong_suffix": (root / "table.txt", good_csv.encode(), "unknown format"),
-        "csv_header": (root / "h.csv", good_csv.replace("index,arch", "idx,arch").encode(), "header"),
-        "csv_no_columns": (root / "n.csv", b"index,arch\n0," + NB201_ARCHS[0].encode() + b"\n", "header"),
-        "csv_index": (root / "i.csv", good_csv.replace("\n0,", "\n1,").encode(), "expected index 0"),
-        "csv_value": (root / "v.csv", good_csv.replace("94.1", "high").encode(), ":2: could not convert"),
+        "csv_header": (
+            root / "h.csv",
+            good_csv.replace("index,arch", "idx,arch").encode(),
+            "header",
+        ),
+        "csv_no_columns": (
+            root / "n.csv",
+            b"index,arch\n0," + NB201_ARCHS[0].encode() + b"\n",
+            "header",
+        ),
+        "csv_index": (
+            root / "i.csv",
+            good_csv.replace("\n0,", "\n1,").encode(),
+            "expected index 0",
+        ),
+        "csv_value": (
+            root / "v.csv",
+            good_csv.replace("94.1", "high").encode(),
+            ":2: could not convert",
+        ),
         "csv_arch": (root / "a.csv", good_csv.replace("~2|", "~3|").encode(), ":2:"),
-        "csv_fields": (root / "f.csv", good_csv.replace(",94.1", ",94.1,1").encode(), "expected index 0"),
+        "csv_fields": (
+            root / "f.csv",
+            good_csv.replace(",94.1", ",94.1,1").encode(),
+            "expected index 0",
+        ),
         "csv_empty": (root / "e.csv", b"", "header"),
-        "csv_duplicate": (root / "d.csv", (good_csv + "1," + NB201_ARCHS[0] + ",1\n").encode(), "not unique"),
+        "csv_duplicate": (
+            root / "d.csv",
+            (good_csv + "1," + NB201_ARCHS[0] + ",1\n").encode(),
+            "not unique",
+        ),
         "empty_dir": (root / "empty_dir", "dir", "meta.pickle.pbz2"),
         "no_archives": (root / "NATS-tss-v1_0-3ffb9-simple", "meta", "no per-architecture results"),
     }
@@ -1400,10 +2024,14 @@ def nb201_bad_inputs(root, torch):
         elif content is not None:
             path.write_bytes(content)
         made[name] = (path, expected)
-    objects = {"list_pbz2": ([1, 2], "meta_archs"),
-               "size_space": (dict(nb201_benchmark("12", "200"), meta_archs=["64:64:64:64:64"] * 5),
-                              "not a NAS-Bench-201 cell string"),
-               "no_eval_key": (no_eval, "unexpected layout")}
+    objects = {
+        "list_pbz2": ([1, 2], "meta_archs"),
+        "size_space": (
+            dict(nb201_benchmark("12", "200"), meta_archs=["64:64:64:64:64"] * 5),
+            "not a NAS-Bench-201 cell string",
+        ),
+        "no_eval_key": (no_eval, "unexpected layout"),
+    }
     for name, (obj, expected) in objects.items():
         nb201_write_pbz2(obj, root / f"{name}.pickle.pbz2")
         made[name] = (root / f"{name}.pickle.pbz2", expected)
@@ -1424,6 +2052,7 @@ def test_nb201_broken_inputs_fail_with_message_naming_the_path(tmp_path):
 
 
 # ---- the real table (../shared/data, absent on users' machines) -------------------------------
+
 
 @pytest.fixture(scope="module")
 def nb201_real():
@@ -1451,7 +2080,7 @@ def test_nb201_real_csv_index_string_tuple_round_trip(nb201_real):
         assert nb201_real.index_of(arch) == index == nb201_real.index_of(ops)
         assert nb201_real.arch_string(index) == arch
         seen.add(ops)
-    assert len(seen) == 5 ** 6  # every cell exactly once
+    assert len(seen) == 5**6  # every cell exactly once
 
 
 def test_nb201_real_csv_is_rewritten_byte_for_byte(nb201_real, tmp_path):
