@@ -529,7 +529,7 @@ class CLOSENet(nn.Module):
         first = archs[0] if isinstance(archs, (list, tuple)) and archs else None
         many = isinstance(first, (str, list, tuple))  # a list of archs, not one arch's ops
         ops = [as_arch(arch) for arch in archs] if many else as_arch(archs)
-        archs = torch.tensor(ops).to(device, non_blocking=True)  # no host sync on CUDA
+        archs = torch.tensor(ops).to(device, non_blocking=True)  # no host sync
         with torch.autocast(device.type, enabled=False):
             return self.gate(archs)[..., :self.level]
 
@@ -1208,9 +1208,10 @@ def print_summary(out, results):
     print(f"\n== {results['run']} ({out}) ==")
     gate = results["gate"]
     if gate["spread"] is not None:
-        print(f"{describe_gate(gate)}: the std of its logits between archs, under 0.05 is blind\n"
-              f"  its likeliest block: one block for {1 - gate['off_dominant']:.0%} of the edges\n"
-              f"  its draws: {gate['entropy']:.0%} as random as a uniform pick (entropy)\n"
+        print(describe_gate(gate))
+        print("  spread: std of its logits between archs (<0.05: blind)\n"
+              f"  likeliest block: one block for {1 - gate['off_dominant']:.0%} of the edges\n"
+              f"  draws: {gate['entropy']:.0%} as random as a uniform pick (entropy)\n"
               f"  scoring (--eval-gate): edges per block {results['scoring_edges_per_block']}")
     print_metrics_table([results])
     if results["search"]:

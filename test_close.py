@@ -1337,9 +1337,9 @@ def test_summary_and_compare_say_what_their_numbers_are(tmp_path, capsys):
         "gate"
     ]  # the GATE's numbers, each in words
     assert (
-        f"its likeliest block: one block for {1 - gate['off_dominant']:.0%} of the edges" in printed
+        f"likeliest block: one block for {1 - gate['off_dominant']:.0%} of the edges" in printed
     )
-    assert f"its draws: {gate['entropy']:.0%} as random as a uniform pick" in printed
+    assert f"draws: {gate['entropy']:.0%} as random as a uniform pick" in printed
     assert "scoring (--eval-gate): edges per block [" in printed
     plotting = importlib.util.find_spec("matplotlib") is not None
     assert "no ranking.png" in printed or plotting
