@@ -1336,9 +1336,7 @@ def test_summary_and_compare_say_what_their_numbers_are(tmp_path, capsys):
     gate = json.loads((long_name / "metrics.json").read_text())[
         "gate"
     ]  # the GATE's numbers, each in words
-    assert (
-        f"likeliest block: one block for {1 - gate['off_dominant']:.0%} of the edges" in printed
-    )
+    assert f"likeliest block: one block for {1 - gate['off_dominant']:.0%} of the edges" in printed
     assert f"draws: {gate['entropy']:.0%} as random as a uniform pick" in printed
     assert "scoring (--eval-gate): edges per block [" in printed
     plotting = importlib.util.find_spec("matplotlib") is not None
@@ -1401,67 +1399,30 @@ ONE_THREAD = {
 }  # as torch.set_num_threads(1) above, for a child process
 
 
+def child(args, cwd):
+    """A child python, from a folder of its own: one started in a folder that no longer exists
+    dies in `import torch` ("oneMKL FATAL ERROR: Cannot load libtorch_cpu.so"), as when the
+    suite's folder is removed while it runs."""
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env=ONE_THREAD, cwd=cwd
+    )
+
+
 def test_cli_error_exit_code_in_a_subprocess_and_benchmark(tmp_path, monkeypatch):
-    # A child started in a folder that no longer exists dies in `import torch` ("oneMKL FATAL
-    # ERROR: Cannot load libtorch_cpu.so"), as when the suite's folder is removed while it runs:
-    # every child here gets a folder of its own (cwd), and this test runs from a removed one.
     gone = tmp_path / "gone"
     gone.mkdir()
-    with monkeypatch.context() as here:
+    with monkeypatch.context() as here:  # the suite's own folder removed: the child still runs
         here.chdir(gone)
         gone.rmdir()
-        result = subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "close.py"),
-                "--data",
-                "synthetic",
-                "--epochs",
-                "1",
-                "--blocks",
-                "5",
-                "--out",
-                str(tmp_path / "x"),
-            ],
-            capture_output=True,
-            text=True,
-            env=ONE_THREAD,
-            cwd=tmp_path,
-        )
-    assert (
-        result.returncode == 2
-        and result.stderr.startswith("close.py: error:")
-        and "Traceback" not in result.stderr
-    )
-    assert (
-        close.main(
-            [
-                "--benchmark",
-                "--device",
-                "cpu",
-                "--cells",
-                "1",
-                "--channels",
-                "4",
-                "--blocks",
-                "2",
-                "--batch-size",
-                "8",
-                "--benchmark-steps",
-                "1",
-                "--out",
-                str(tmp_path),
-            ]
-        )
-        == 0
-    )
+        args = "--data synthetic --epochs 1 --blocks 5".split()
+        result = child([str(ROOT / "close.py"), *args, "--out", str(tmp_path / "x")], tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith("close.py: error:")
+    assert "Traceback" not in result.stderr
+    args = "--device cpu --cells 1 --channels 4 --blocks 2 --batch-size 8 --benchmark-steps 1"
+    assert close.main(["--benchmark", *args.split(), "--out", str(tmp_path)]) == 0
     bench = json.loads((tmp_path / "benchmark.json").read_text())
-    assert {
-        "vanilla_ms_per_step",
-        "close_level1_ms_per_step",
-        "close_level2_ratio",
-        "close_level2_iqr_ms",
-    } <= set(bench)
+    keys = {"vanilla_ms_per_step", "close_level1_ms_per_step", "close_level2_ratio"}
+    assert keys | {"close_level2_iqr_ms"} <= set(bench)
 
 
 # Under torchrun: 2 ranks on the CPU (gloo). A stop is Ctrl-C on torchrun itself, which forwards it
@@ -1542,18 +1503,9 @@ def test_torchrun_scores_exactly_as_one_process_and_resumes_after_stops(tmp_path
 
 def test_close_py_alone_asks_for_nb201_api_slim(tmp_path):
     shutil.copy(ROOT / "close.py", tmp_path / "close.py")
-    result = subprocess.run(
-        [sys.executable, "close.py", "--data", "synthetic", "--nb201", "x.csv", "--out", "run"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=ONE_THREAD,
-    )
-    assert (
-        result.returncode == 2
-        and "nb201_api_slim.py" in result.stderr
-        and "Traceback" not in result.stderr
-    )
+    result = child("close.py --data synthetic --nb201 x.csv --out run".split(), tmp_path)
+    assert result.returncode == 2 and "nb201_api_slim.py" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------
