@@ -93,9 +93,8 @@ ARCH_FORMAT = "|op~0|+|op~0|op~1|+|op~0|op~1|op~2|"
 
 def arch_to_str(arch):
     """(3, 3, 3, 1, 3, 2) -> |nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|..."""
-    nodes = []
-    for node in (1, 2, 3):
-        nodes.append([f"{OPS[op]}~{src}" for (src, dst), op in zip(EDGES, arch) if dst == node])
+    ops = [f"{OPS[op]}~{src}" for (src, _), op in zip(EDGES, as_arch(arch))]
+    nodes = (ops[:1], ops[1:3], ops[3:])  # into nodes 1, 2, 3
     return "+".join("|" + "|".join(node) + "|" for node in nodes)
 
 
@@ -373,7 +372,7 @@ def glow_op(x, op, edge, glow_blocks, assignment):
     """The paper's edge output, sum_i gate_i * block_i(x) over the active blocks, with one-hot gate
     weights in the forward pass. Only the chosen block needs autograd (the others' weight is 0);
     the others matter by their values alone, for the gate's gradient <dL/d out, block_i(x)>: one
-    fused forward-only conv. Equal to the plain sum, gradients included (tested)."""
+    fused forward-only conv. Equal to the plain sum, gradients included."""
     if assignment.gate is None:
         return relu_conv_bn(x, glow_blocks[assignment.blocks[edge]].weight(op))
     gate = assignment.gate[edge]  # [level]
@@ -537,6 +536,7 @@ class CLOSENet(nn.Module):
         """Vanilla: edge e on block e; level 1: block 0. Training: a straight-through Gumbel draw
         from the GATE. Scoring (eval mode), as officially: a draw seeded by `seed` and the arch
         (the same in any order), or eval_gate='argmax'."""
+        arch = as_arch(arch)
         if self.baseline:
             return SharingAssignment(blocks=list(range(len(EDGES))))
         if self.level == 1:
@@ -630,7 +630,7 @@ def train_step(model, optimizer, images, labels, arch, grad_clip):
     with autocast(images.device):
         logits = model(images, arch)
     loss = F.cross_entropy(logits.float(), labels)
-    optimizer.zero_grad(set_to_none=False)  # the official rule: zeroed, never dropped
+    optimizer.zero_grad(set_to_none=False)  # official: zeroed, never dropped
     loss.backward()
     nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
@@ -690,7 +690,7 @@ def archs_to_score(cfg):
 
 @contextlib.contextmanager
 def evaluating(model):
-    """eval() mode (dropout off, BN on batch statistics), then the caller's mode again."""
+    """eval() mode (dropout off, BN on batch statistics), then the caller's mode."""
     training = model.training
     try:
         yield model.eval()

@@ -390,7 +390,14 @@ def test_an_arch_string_means_the_same_network_everywhere(level):
         cell(x, BEST_CIFAR10, assignment), cell(x, close.str_to_arch(BEST_CIFAR10), assignment)
     )
     for bad in ("|nor_conv_3x3~0|", (3, 3, 3), (3, 3, 3, 1, 3, 7), (3, 3, 3, 1, 3, True), 42):
-        for call in (lambda: model(images, bad), lambda: cell(x, bad, assignment)):
+        calls = (
+            lambda: model(images, bad),
+            lambda: cell(x, bad, assignment),
+            lambda: model.sharing_assignment(bad),
+            lambda: vanilla.sharing_assignment(bad),
+            lambda: close.arch_to_str(bad),
+        )
+        for call in calls:
             with pytest.raises(ValueError, match="not an NB201 architecture"):
                 call()
 
