@@ -169,12 +169,10 @@ def test_image_folder_split_is_shuffled_not_positional(tmp_path):
             write_png(folder / f"{i}.png", 40 * label)
     data = close.image_folder_dataset(tmp_path)
     assert data.num_classes == 5 and len(data.train_labels) == 40 and len(data.heldout_labels) == 10
-    assert (
-        len(set(data.heldout_labels.tolist())) >= 3
-    )  # a positional split would hold out the last class only
-    assert all(
-        (data.train_images[i] == 40 * data.train_labels[i]).all() for i in range(40)
-    )  # labels follow images
+    # a positional split would hold out the last class only
+    assert len(set(data.heldout_labels.tolist())) >= 3
+    # labels follow images
+    assert all((data.train_images[i] == 40 * data.train_labels[i]).all() for i in range(40))
 
 
 def test_torchvision_cifar10_is_split_by_position(monkeypatch):
@@ -200,9 +198,8 @@ def test_torchvision_cifar10_is_split_by_position(monkeypatch):
         32,
     )
     assert data.train_labels[:3].tolist() == [0, 1, 2] and data.heldout_labels[0] == 40000 % 10
-    assert data.heldout_images[0, :, 0, 0].tolist() == [
-        (40000 * 4 + c) % 256 for c in range(3)
-    ]  # channels first
+    # channels first
+    assert data.heldout_images[0, :, 0, 0].tolist() == [(40000 * 4 + c) % 256 for c in range(3)]
 
 
 def test_offline_cifar10_download_is_one_line_naming_the_alternatives(
@@ -225,9 +222,8 @@ def test_offline_cifar10_download_is_one_line_naming_the_alternatives(
     assert "could not be downloaded" in err and "--data synthetic" in err and "--data-root" in err
     assert sorted(tmp_path.iterdir()) == []  # the failed attempt leaves nothing behind
     root.mkdir(parents=True)
-    (root / "mine.txt").write_text(
-        "the user's"
-    )  # an existing folder: only what the attempt added goes
+    # an existing folder: only what the attempt added goes
+    (root / "mine.txt").write_text("the user's")
     error_line(
         capsys,
         TINY[2:] + ["--data", "cifar10", "--data-root", str(root), "--out", str(tmp_path / "run")],
@@ -360,9 +356,8 @@ def test_parameter_counts_match_the_official_supernets():
 def test_parameters_grow_linearly_with_blocks_not_with_archs():
     counts = [n_params(close.CLOSENet(num_blocks=k)) for k in (1, 2, 3, 4)]
     gate_growth = 201  # one more logit row in the GATE's last layer
-    assert (
-        np.diff(counts).tolist() == [268_800 + gate_growth] * 3
-    )  # one block = one op-weight set over 15 cells
+    # one block = one op-weight set over 15 cells
+    assert np.diff(counts).tolist() == [268_800 + gate_growth] * 3
 
 
 def test_level_one_puts_every_edge_on_block_zero_without_the_gate():
@@ -474,10 +469,11 @@ def test_sampled_scoring_gate_is_seeded_per_arch():
     ).eval()  # a flat GATE at init
     archs = close.unique_archs()[:40]
     draws = [model.sharing_assignment(arch, "sample", seed=3).blocks for arch in archs]
+    # any order
     assert (
         draws
         == [model.sharing_assignment(arch, "sample", seed=3).blocks for arch in archs[::-1]][::-1]
-    )  # any order
+    )
     assert draws != [model.sharing_assignment(arch, "sample", seed=4).blocks for arch in archs]
     assert len(set(sum(draws, []))) == 5  # a flat GATE's draws spread over the blocks ...
     argmax = [model.sharing_assignment(arch, "argmax").blocks for arch in archs]
@@ -596,18 +592,16 @@ def test_official_growth_adds_the_parent_to_the_fresh_init():
             torch.allclose(new, f + p)
             for new, f, p in zip(cell.glow_blocks[level - 1].parameters(), fresh, parent)
         )
-        last = model.gate.mlp[
-            -1
-        ]  # the GATE grows its own logit row: its init plus the parent's row
+        # the GATE grows its own logit row: its init plus the parent's row
+        last = model.gate.mlp[-1]
         assert torch.allclose(last.weight[level - 1], fresh_row + last.weight[level - 2])
 
 
 def test_growth_gives_the_gate_a_gradient_where_twins_would_not():
     torch.manual_seed(0)
     model = close.CLOSENet(channels=4, cells=1, num_blocks=3)
-    close.add_glow_block(
-        model
-    )  # straight after growth: block 1 descends from block 0, nothing trained since
+    # straight after growth: block 1 descends from block 0, nothing trained since
+    close.add_glow_block(model)
     images, labels = small_batch()
     arch = (3, 2, 3, 1, 3, 2)
 
@@ -631,9 +625,8 @@ def test_growth_gives_the_gate_a_gradient_where_twins_would_not():
                 twin.copy_(parent)
         for row in (model.gate.mlp[-1].weight, model.gate.mlp[-1].bias):
             row[1] = row[0]
-    assert (
-        hidden_gate_gradient() < 1e-9
-    )  # no gradient into the encoder and hidden layers (but rounding)
+    # no gradient into the encoder and hidden layers (but rounding)
+    assert hidden_gate_gradient() < 1e-9
 
 
 # ---------------------------------------------------------------------------------------------
@@ -653,9 +646,8 @@ def test_training_draws_from_the_unique_archs(monkeypatch):
         close.CLOSENet(channels=4, cells=1), None, data, close.Config(batch_size=1)
     )
     assert len(drawn) == 3000 == finished["images"] and finished["losses"].shape == (3000,)
-    assert set(drawn) <= set(
-        close.unique_archs()
-    )  # representatives only: isomorphs are never drawn twice over
+    # representatives only: isomorphs are never drawn twice over
+    assert set(drawn) <= set(close.unique_archs())
     # uniform over 6,466 classes: 3,000 draws hit about 6466 * (1 - exp(-3000 / 6466)) = 2,400
     # distinct classes
     assert 2300 < len(set(drawn)) < 2530
@@ -666,9 +658,8 @@ def test_the_official_step_decays_every_active_weight_used_or_not_in_any_trainin
     model = grown(close.CLOSENet(channels=4, cells=1, num_blocks=3), 2)
     cfg = close.Config()
     optimizer, _ = close.make_optimizer(model, cfg)
-    assert [g["weight_decay"] for g in optimizer.param_groups] == [
-        cfg.weight_decay
-    ]  # one decay for all
+    # one decay for all
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [cfg.weight_decay]
     blocks = [cell.glow_blocks for cell in model.cells()]
     unused = [b[i].conv1x1.weight for b in blocks for i in (0, 1)]  # the arch has no nor_conv_1x1
     waiting = [p for b in blocks for p in b[2].parameters()]  # beyond the level: wait to grow
@@ -733,26 +724,23 @@ def test_train_step_is_the_official_step_bit_for_bit():
 # ---------------------------------------------------------------------------------------------
 def test_gate_health_on_a_hand_built_gate(monkeypatch):
     model = grown(close.CLOSENet(channels=4, cells=1, num_blocks=3), 3)
-    archs = [
-        (3,) * 6,
-        (2,) * 6,
-        (3, 0, 0, 1, 0, 0),
-    ]  # the last has no live parameterised edge (0->1 is dead)
+    # the last has no live parameterised edge (0->1 is dead)
+    archs = [(3,) * 6, (2,) * 6, (3, 0, 0, 1, 0, 0)]
     logits = torch.tensor([[[1.0, 0, 0]] * 6, [[0, 0, 1.0]] * 6, [[100.0, 0, 0]] * 6])
     monkeypatch.setattr(model, "gate_logits", lambda given: logits if given == archs else None)
     health = close.gate_health(model, archs)
-    centred = np.array(
-        [[2 / 3, -1 / 3, -1 / 3]] * 6 + [[-1 / 3, -1 / 3, 2 / 3]] * 6
-    )  # the dead arch is left out
+    # the dead arch is left out
+    centred = np.array([[2 / 3, -1 / 3, -1 / 3]] * 6 + [[-1 / 3, -1 / 3, 2 / 3]] * 6)
     assert health["spread"] == pytest.approx(centred.std(0, ddof=1).mean())
     assert health["off_dominant"] == pytest.approx(0.5)  # 6 edges on block 0, 6 on block 2
     assert health["entropy"] == pytest.approx(
         scipy.stats.entropy(scipy.special.softmax([1, 0, 0])) / np.log(3)
     )
+    # level 1: no GATE at work
     assert (
         close.gate_health(close.CLOSENet(channels=4, cells=1, num_blocks=3), archs)["spread"]
         is None
-    )  # level 1: no GATE at work
+    )
     assert "COLLAPSED" in close.describe_gate({"spread": 0.5, "off_dominant": 0.0, "entropy": 0.9})
     assert "BLIND" in close.describe_gate({"spread": 1e-4, "off_dominant": 0.0, "entropy": 1.0})
 
@@ -791,29 +779,16 @@ def test_perfect_and_reversed_rankings():
 
 def test_precision_and_best_worst_rank_by_hand():
     truth = [90, 80, 70, 60, 50, 40, 30, 20, 10, 0]  # true ranks 0..9
-    predicted = [
-        5,
-        9,
-        1,
-        8,
-        2,
-        3,
-        4,
-        0,
-        7,
-        6,
-    ]  # predicted order: archs 1, 3, 8, 9, 0 | 6, 5, 4, 2, 7
+    # predicted order: archs 1, 3, 8, 9, 0 | 6, 5, 4, 2, 7
+    predicted = [5, 9, 1, 8, 2, 3, 4, 0, 7, 6]
     m = close.ranking_metrics(predicted, truth, ratios=(0.1, 0.2, 0.5))
-    assert (
-        m["P@top10%"] == 0 and m["BR@10%"] == 2 and m["WR@10%"] == 2
-    )  # top-1 is arch 1 (true rank 1)
-    assert (
-        m["P@top20%"] == 0.5 and m["BR@20%"] == 2 and m["WR@20%"] == 4
-    )  # {1, 3}: only 1 in true top-2
+    # top-1 is arch 1 (true rank 1)
+    assert m["P@top10%"] == 0 and m["BR@10%"] == 2 and m["WR@10%"] == 2
+    # {1, 3}: only 1 in true top-2
+    assert m["P@top20%"] == 0.5 and m["BR@20%"] == 2 and m["WR@20%"] == 4
     assert m["P@top50%"] == 0.6 and m["BR@50%"] == 1 and m["WR@50%"] == 10  # {1,3,8,9,0} vs {0..4}
-    assert (
-        m["P@bottom10%"] == 0 and m["P@bottom20%"] == 0 and m["P@bottom50%"] == 0.6
-    )  # {7,2} vs {9,8}; {7,2,4,5,6} vs {5..9}
+    # {7,2} vs {9,8}; {7,2,4,5,6} vs {5..9}
+    assert m["P@bottom10%"] == 0 and m["P@bottom20%"] == 0 and m["P@bottom50%"] == 0.6
     assert close.ranking_metrics([1, 2, 3], [1, 2, 3])["P@top1%"] is None  # k = int(3 * 0.01) = 0
 
 
@@ -870,9 +845,8 @@ def test_search_does_not_start_from_the_scored_subset():
     close.regularized_evolution(
         lambda arch: first.append(arch) or 0.0, budget=20, population_size=20, seed=0
     )
-    assert first != random.Random(0).sample(
-        close.unique_archs(), 20
-    )  # --seed 0 and --eval-seed 0 must not coincide
+    # --seed 0 and --eval-seed 0 must not coincide
+    assert first != random.Random(0).sample(close.unique_archs(), 20)
     assert len(set(first) & set(random.Random(0).sample(close.unique_archs(), 200))) < 5
 
 
@@ -1007,9 +981,8 @@ def ctrl_c_interrupts():
     signal.signal(signal.SIGINT, previous)
 
 
-@pytest.mark.parametrize(
-    "stop_at_call", [1, 3]
-)  # 2 steps per epoch: before any checkpoint, and mid-epoch 2
+# 2 steps per epoch: before any checkpoint, and mid-epoch 2
+@pytest.mark.parametrize("stop_at_call", [1, 3])
 def test_resume_is_bit_identical_to_an_uninterrupted_run(
     tmp_path, monkeypatch, stop_at_call, ctrl_c_interrupts
 ):
@@ -1033,9 +1006,8 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(
         torch.load(checkpoint, weights_only=True)["epoch"] if checkpoint.exists() else 0
     ) == stop_at_call // 2
     monkeypatch.setattr(close, "train_step", real_train_step)
-    assert (
-        close.main(args + ["--out", str(tmp_path / "resumed"), "--resume"]) == 0
-    )  # repeats the stopped epoch
+    # repeats the stopped epoch
+    assert close.main(args + ["--out", str(tmp_path / "resumed"), "--resume"]) == 0
 
     log_a, scores_a, state_a = run_rows(tmp_path / "straight")
     log_b, scores_b, state_b = run_rows(tmp_path / "resumed")
@@ -1095,9 +1067,8 @@ def test_resume_and_load_take_the_runs_own_options(tmp_path, capsys):
     ]
     assert close.main(argv) == 0
     (out / "metrics.json").unlink()
-    assert (
-        close.main(["--resume", "--out", str(out)]) == 0
-    )  # nothing retyped: data, sizes and scoring come from the run
+    # nothing retyped: data, sizes and scoring come from the run
+    assert close.main(["--resume", "--out", str(out)]) == 0
     assert json.loads((out / "metrics.json").read_text())["scored_archs"] == 12
     capsys.readouterr()
     assert (
@@ -1160,9 +1131,8 @@ def test_interrupt_before_anything_is_saved_says_so(tmp_path, capsys, monkeypatc
 def test_library_callers_keep_sigterm(monkeypatch):
     before = signal.getsignal(signal.SIGTERM)
     with close.StopRequest():
-        assert (
-            signal.getsignal(signal.SIGTERM) is before
-        )  # so `timeout pytest` can stop a training test
+        # so `timeout pytest` can stop a training test
+        assert signal.getsignal(signal.SIGTERM) is before
         assert signal.getsignal(signal.SIGINT) != signal.default_int_handler
 
 
@@ -1203,12 +1173,13 @@ def test_a_bad_value_fails_at_once_and_leaves_the_folder_free(tmp_path, capsys, 
         capsys, TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out)] + extra
     )
     assert not out.exists()
+    # the fixed command runs
     assert (
         close.main(
             TINY + ["--epochs", "1", "--blocks", "1", "--search-budget", "0", "--out", str(out)]
         )
         == 0
-    )  # the fixed command runs
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -1335,14 +1306,14 @@ def test_summary_and_compare_say_what_their_numbers_are(tmp_path, capsys):
     )
     epochs = [line for line in printed.splitlines() if line.startswith("epoch ")]
     log = list(csv.DictReader(open(long_name / "log.csv")))
+    # percent
     assert [f"acc {float(row['accuracy']):5.1f}%" in line for row, line in zip(log, epochs)] == [
         True,
         True,
-    ]  # percent
+    ]
     assert " left or more" in epochs[0] and " left" not in epochs[1] and "0.0 min" not in printed
-    gate = json.loads((long_name / "metrics.json").read_text())[
-        "gate"
-    ]  # the GATE's numbers, each in words
+    # the GATE's numbers, each in words
+    gate = json.loads((long_name / "metrics.json").read_text())["gate"]
     assert f"likeliest block: one block for {1 - gate['off_dominant']:.0%} of the edges" in printed
     assert f"draws: {gate['entropy']:.0%} as random as a uniform pick" in printed
     assert "scoring (--eval-gate): edges per block [" in printed
@@ -1400,10 +1371,8 @@ def test_progress_line_once_a_minute(capsys):
 # ---------------------------------------------------------------------------------------------
 # 9. Command line, in a subprocess
 # ---------------------------------------------------------------------------------------------
-ONE_THREAD = {
-    **os.environ,
-    "OMP_NUM_THREADS": "1",
-}  # as torch.set_num_threads(1) above, for a child process
+# as torch.set_num_threads(1) above, for a child process
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def child(args, cwd):
@@ -1500,12 +1469,8 @@ def test_torchrun_scores_exactly_as_one_process_and_resumes_after_stops(tmp_path
         one["ranking"] == two["ranking"]
         and one["scoring_edges_per_block"] == two["scoring_edges_per_block"]
     )
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "fake.csv",
-        "one",
-        "stop.py",
-        "two",
-    ]  # nothing else
+    # nothing else
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fake.csv", "one", "stop.py", "two"]
 
 
 def test_close_py_alone_asks_for_nb201_api_slim(tmp_path):
@@ -1783,10 +1748,8 @@ def test_nb201_lookup_by_index_string_tuple_list_array_agree(nb201_tables):
 @pytest.mark.parametrize(
     "arch, message",
     [
-        (
-            "|none~0|+|none~0|none~1|+|none~0|none~1|skip_connect~2|",
-            "not in this table",
-        ),  # valid, absent
+        # valid, absent
+        ("|none~0|+|none~0|none~1|+|none~0|none~1|skip_connect~2|", "not in this table"),
         ((0, 0, 0, 0, 0, 1), "not in this table"),
         ("|none~0|+|none~0|", "not a NAS-Bench-201 cell string"),
         ((0, 0, 0), "6 op indices"),
