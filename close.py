@@ -49,7 +49,7 @@ class Config:
     baseline: bool = option(False, "the vanilla one-shot supernet instead of CLOSENet")
     channels: int = option(16, "channels of the first stage (NB201: 16)")
     cells: int = option(5, "searchable cells per stage (NB201: 5)")
-    # training: the official recipe, its 1,000 epochs scaled to --epochs
+    # training: the official recipe, scaled to --epochs
     epochs: int = option(250, "training epochs")
     batch_size: int = option(256, "training and scoring batch size")
     lr: float = option(0.05, "SGD learning rate")
@@ -94,7 +94,7 @@ ARCH_FORMAT = "|op~0|+|op~0|op~1|+|op~0|op~1|op~2|"
 def arch_to_str(arch):
     """(3, 3, 3, 1, 3, 2) -> |nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|..."""
     ops = [f"{OPS[op]}~{src}" for (src, _), op in zip(EDGES, as_arch(arch))]
-    nodes = (ops[:1], ops[1:3], ops[3:])  # into nodes 1, 2, 3
+    nodes = (ops[:1], ops[1:3], ops[3:])
     return "+".join("|" + "|".join(node) + "|" for node in nodes)
 
 
@@ -502,7 +502,6 @@ class CLOSENet(nn.Module):
         super().__init__()
         self.baseline = baseline
         self.num_blocks = len(EDGES) if baseline else num_blocks
-        self.level = self.num_blocks if baseline else 1  # active blocks: the curriculum level
         self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1, bias=False),
                                   batch_norm(channels))
         layers = []
@@ -515,6 +514,18 @@ class CLOSENet(nn.Module):
                                   nn.Flatten(), nn.Dropout(0.1),
                                   nn.Linear(4 * channels, num_classes))
         self.gate = None if baseline else Gate(num_blocks)
+        self.level = self.num_blocks if baseline else 1
+
+    @property
+    def level(self):  # active blocks, the curriculum level; the others frozen until WIT
+        return self._level
+
+    @level.setter
+    def level(self, level):
+        self._level = level
+        for cell in self.cells():
+            for i, block in enumerate(cell.glow_blocks):
+                block.requires_grad_(i < level)
 
     def cells(self):
         return [layer for layer in self.layers if isinstance(layer, Cell)]
@@ -524,9 +535,9 @@ class CLOSENet(nn.Module):
         long tensor [N, 6]. fp32: bf16 rounds by ~5e-4, above a fresh GATE's arch signal."""
         device = self.gate.edge_src.device
         if isinstance(archs, (torch.Tensor, np.ndarray)):
-            archs = archs.tolist()  # checked as any list is
+            archs = archs.tolist()
         first = archs[0] if isinstance(archs, (list, tuple)) and archs else None
-        many = isinstance(first, (str, list, tuple))  # a list of archs, not one arch's ops
+        many = isinstance(first, (str, list, tuple))
         ops = [as_arch(arch) for arch in archs] if many else as_arch(archs)
         archs = torch.tensor(ops).to(device, non_blocking=True)  # no host sync
         with torch.autocast(device.type, enabled=False):
@@ -560,7 +571,7 @@ class CLOSENet(nn.Module):
             x = layer(x, arch, assignment) if isinstance(layer, Cell) else layer(x)
         return self.head(x)
 
-    def get_extra_state(self):  # the curriculum level travels with the weights in state_dict()
+    def get_extra_state(self):  # the level travels with the weights in state_dict()
         return {"level": self.level}
 
     def set_extra_state(self, state):
@@ -585,7 +596,7 @@ def add_glow_block(model):
     """The next GLOW block, by WIT in place (the optimizer keeps its tensors): its parent's weights
     are added to its fresh init, and its GATE logit row likewise (official). An exact copy would
     silence the GATE: twins give it no gradient at all."""
-    if model.level == model.num_blocks:  # vanilla too
+    if model.level == model.num_blocks:
         raise ValueError(f"add_glow_block: all {model.num_blocks} blocks are at work already")
     new = model.level
     for cell in model.cells():
@@ -605,19 +616,18 @@ def make_optimizer(model, cfg):
     step, used or not; a step pre-hook does so in any loop (a custom optimizer needs it too)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
-    optimizer.register_step_pre_hook(lambda *_: zero_missing_grads(model))
+    optimizer.register_step_pre_hook(zero_missing_grads)
     patience = max(1, round(30 * cfg.epochs / 1000))  # official: 30 epochs in 1,000
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5,
                                                            patience=patience, threshold=1e-4)
     return optimizer, scheduler
 
 
-def zero_missing_grads(model):
-    """A zero gradient for each active parameter without one (ops the arch skips, the GATE at
-    level 1); blocks beyond `level` wait untouched for WIT."""
-    waiting = {p for cell in model.cells() for p in cell.glow_blocks[model.level:].parameters()}
-    for p in model.parameters():
-        if p.grad is None and p not in waiting:
+def zero_missing_grads(optimizer, *_):
+    """A zero gradient for each trainable parameter without one (ops the arch skips, the GATE at
+    level 1); frozen blocks beyond `level` wait for WIT."""
+    for p in (p for group in optimizer.param_groups for p in group["params"]):
+        if p.grad is None and p.requires_grad:
             p.grad = torch.zeros_like(p)
 
 
@@ -690,7 +700,6 @@ def archs_to_score(cfg):
 
 @contextlib.contextmanager
 def evaluating(model):
-    """eval() mode (dropout off, BN on batch statistics), then the caller's mode."""
     training = model.training
     try:
         yield model.eval()
@@ -701,7 +710,7 @@ def evaluating(model):
 @torch.no_grad()
 def score_arch(model, arch, images, labels, batch_size, eval_gate="sample", seed=0):
     """One-shot evaluation: accuracy (%) and loss of arch with the supernet's weights, means over
-    batches, in eval() mode (the model returns to the caller's mode)."""
+    batches; dropout off, BN on batch statistics (eval() does both)."""
     arch, accuracies, losses = as_arch(arch), [], []
     with evaluating(model):
         assignment = model.sharing_assignment(arch, eval_gate, seed)
@@ -748,7 +757,7 @@ def gate_health(model, archs):
 
 
 def describe_gate(health):
-    """gate_health in words; '' when no GATE is at work (vanilla, level 1)."""
+    """gate_health in words ('' without a GATE at work)."""
     if health["spread"] is None:
         return ""
     verdict = "routes by arch"
@@ -979,7 +988,7 @@ def settle_options(cfg, given, resume, load):
 
 
 def claim_out(cfg, resume):
-    """The output folder: new or empty, never one holding a run (unless resumed) or other files."""
+    """The output folder, new or empty: never one holding a run (unless resumed) or files."""
     out = Path(cfg.out or default_out(cfg))
     if not resume and out.is_dir() and any(out.iterdir()):
         held = "a run: --resume it or" if (out / "config.json").exists() else "other files:"
@@ -1056,7 +1065,7 @@ def fit(model, data, cfg, out):
         rows = [[row[key] for key in LOG_FIELDS] for row in log]
         write_atomic(out / "log.csv", csv_text(LOG_FIELDS, rows))
         level = "" if model.baseline else f"level {model.level}  "
-        left = seconds * (cfg.epochs - state.epoch)  # later levels are slower: at least this
+        left = seconds * (cfg.epochs - state.epoch)  # later levels are slower
         left = f"{duration(left)} left or more  " if left else ""
         print(f"epoch {state.epoch:4d}/{cfg.epochs}  loss {loss:.4f}  acc "
               f"{log[-1]['accuracy']:5.1f}%  lr {finished['lr']:.4g}  {level}"

@@ -675,6 +675,18 @@ def test_the_official_step_decays_every_active_weight_used_or_not_in_any_trainin
     assert all(
         p.grad is None and torch.equal(p, old) for p, old in zip(waiting, before[len(unused) :])
     )
+    assert not any(p.requires_grad for p in waiting)  # frozen until WIT brings them in
+    close.add_glow_block(model)
+    assert all(p.requires_grad for p in waiting)
+
+
+def test_the_level_travels_with_the_weights_and_freezes_the_blocks_beyond_it():
+    trained = grown(close.CLOSENet(channels=4, cells=1, num_blocks=4), 3)
+    model = close.CLOSENet(channels=4, cells=1, num_blocks=4)
+    model.load_state_dict(trained.state_dict())
+    assert model.level == 3
+    for cell in model.cells():
+        assert [b.conv3x3.weight.requires_grad for b in cell.glow_blocks] == [True] * 3 + [False]
 
 
 def test_train_step_is_the_official_step_bit_for_bit():
