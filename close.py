@@ -626,9 +626,10 @@ def make_optimizer(model, cfg):
 def zero_missing_grads(optimizer, *_):
     """A zero gradient for each trainable parameter without one (ops the arch skips, the GATE at
     level 1); frozen blocks beyond `level` wait for WIT."""
-    for p in (p for group in optimizer.param_groups for p in group["params"]):
-        if p.grad is None and p.requires_grad:
-            p.grad = torch.zeros_like(p)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is None and p.requires_grad:
+                p.grad = torch.zeros_like(p)
 
 
 def restart_epoch(cfg):
