@@ -404,9 +404,9 @@ class UnchosenBlocks(torch.autograd.Function):
         values, = ctx.saved_tensors
         batch, blocks, channels = values.shape[:3]
         # one batched matmul over pixels; [B,K,C,H,W] -> [B*H*W, K, C] is a view in channels_last
-        values = values.permute(0, 3, 4, 1, 2).reshape(-1, blocks, channels).float()
-        grad = grad_out.permute(0, 2, 3, 1).reshape(-1, channels, 1).float()
-        return grad_out, torch.bmm(values, grad).sum((0, 2)).to(ctx.gate_dtype), None
+        values = values.permute(0, 3, 4, 1, 2).reshape(-1, blocks, channels).to(ctx.gate_dtype)
+        grad = grad_out.permute(0, 2, 3, 1).reshape(-1, channels, 1).to(ctx.gate_dtype)
+        return grad_out, torch.bmm(values, grad).sum((0, 2)), None
 
 
 class Cell(nn.Module):
@@ -433,6 +433,37 @@ class Cell(nn.Module):
                     terms.append(F.avg_pool2d(nodes[src], 3, 1, 1, count_include_pad=False))
             nodes.append(sum(terms) if terms else None)  # live edges never read an empty node
         return nodes[3] if nodes[3] is not None else torch.zeros_like(x)
+
+    def static_forward(self, x, arch, assignment):
+        """forward() with the same work for every arch, for CUDA graphs: each edge runs every op
+        and the arch (arch_tensor) masks all but its own (1x1 kernels padded to 3x3). With a
+        gate, the paper's edge output as written: sum_i gate_i * block_i(x), active blocks."""
+        ops, live = arch
+        mask = (F.one_hot(ops, len(OPS)) * live[:, None]).to(x.dtype)  # [6 edges, 5 ops]
+        gate = assignment.gate
+        if gate is None:
+            blocks = assignment.blocks[:, None]  # [6 edges, 1]
+        else:
+            blocks = torch.arange(gate.shape[1], device=x.device)[None]  # [1, level]
+        conv1x1 = torch.stack([F.pad(b.conv1x1.weight, (1, 1, 1, 1)) for b in self.glow_blocks])
+        conv3x3 = torch.stack([b.conv3x3.weight for b in self.glow_blocks])
+        pick = mask[:, :, None, None, None, None, None]
+        kernels = pick[:, CONV1X1] * conv1x1[blocks] + pick[:, CONV3X3] * conv3x3[blocks]
+        nodes = [x, 0, 0, 0]
+        for e, (src, dst) in enumerate(EDGES):  # in this order a node is complete when read
+            h, m = nodes[src], mask[e]
+            convs = relu_conv_bn(h, kernels[e].flatten(0, 1)).unflatten(1, kernels.shape[1:3])
+            conv = convs[:, 0] if gate is None else (convs * gate[e, :, None, None, None]).sum(1)
+            pool = F.avg_pool2d(h, 3, 1, 1, count_include_pad=False)
+            out = (m[CONV1X1] + m[CONV3X3]) * conv + m[SKIP] * h + m[AVG_POOL] * pool
+            nodes[dst] = nodes[dst] + out
+        return nodes[3]
+
+
+def arch_tensor(arch):
+    """An arch as static_forward takes it: long [2, 6], each edge's op and whether it is live."""
+    return torch.tensor([as_arch(arch), live_edges(arch)])
+
 
 
 class ResidualReduction(nn.Module):
@@ -495,6 +526,12 @@ class Gate(nn.Module):
 GUMBEL_TEMPERATURE = 5.0  # official; the forward draw is argmax(logits + Gumbel) whatever it is
 
 
+def gumbel_draw(logits):
+    """Straight-through Gumbel: one-hot forward, the gradient of the soft probabilities."""
+    gate = F.gumbel_softmax(logits, tau=GUMBEL_TEMPERATURE, hard=True)
+    return SharingAssignment(blocks=gate.argmax(-1), gate=gate)
+
+
 class CLOSENet(nn.Module):
     """NB201 supernet whose cells draw op weights from a pool of GLOW blocks (baseline: vanilla)."""
 
@@ -553,9 +590,8 @@ class CLOSENet(nn.Module):
         if self.level == 1:
             return SharingAssignment(blocks=[0] * len(EDGES))
         logits = self.gate_logits(arch)
-        if self.training:  # one-hot forward, the gradient of the soft probabilities
-            gate = F.gumbel_softmax(logits, tau=GUMBEL_TEMPERATURE, hard=True)
-            return SharingAssignment(blocks=gate.argmax(-1), gate=gate)
+        if self.training:
+            return gumbel_draw(logits)
         if eval_gate == "argmax":
             return SharingAssignment(blocks=logits.argmax(-1).tolist())
         # argmax(logits + Gumbel noise) is a draw from softmax(logits): the library's draw
@@ -569,6 +605,21 @@ class CLOSENet(nn.Module):
         x = self.stem(images)
         for layer in self.layers:
             x = layer(x, arch, assignment) if isinstance(layer, Cell) else layer(x)
+        return self.head(x)
+
+    def static_forward(self, images, arch, assignment=None):
+        """forward() for CUDA graphs, arch by arch_tensor(); by default, the training draw."""
+        ops = arch[0]
+        if assignment is None and self.baseline:
+            assignment = SharingAssignment(blocks=torch.arange(len(EDGES), device=ops.device))
+        elif assignment is None and self.level == 1:
+            assignment = SharingAssignment(blocks=torch.zeros_like(ops))
+        elif assignment is None:
+            with torch.autocast(ops.device.type, enabled=False):
+                assignment = gumbel_draw(self.gate(ops)[:, :self.level])
+        x = self.stem(images)
+        for layer in self.layers:
+            x = layer.static_forward(x, arch, assignment) if isinstance(layer, Cell) else layer(x)
         return self.head(x)
 
     def get_extra_state(self):  # the level travels with the weights in state_dict()
@@ -638,8 +689,9 @@ def restart_epoch(cfg):
 
 
 def train_step(model, optimizer, images, labels, arch, grad_clip):
-    with autocast(images.device):
-        logits = model(images, arch)
+    with autocast(images.device):  # arch_tensor(arch): the static step
+        static = isinstance(arch, torch.Tensor)
+        logits = model.static_forward(images, arch) if static else model(images, arch)
     loss = F.cross_entropy(logits.float(), labels)
     optimizer.zero_grad(set_to_none=False)  # official: zeroed, never dropped
     loss.backward()

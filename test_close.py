@@ -421,6 +421,54 @@ def test_fast_blocks_equal_the_all_blocks_oracle(level, monkeypatch):
         assert gate_grad.abs().sum() > 0
 
 
+AWKWARD_ARCHS = [
+    (3, 3, 3, 1, 3, 2),  # every op with weights, skip to the output
+    (0,) * 6,  # nothing reaches the output
+    (3, 0, 0, 1, 0, 0),  # a dead conv (node 1 feeds nothing)
+    (1,) * 6,  # skips only
+    (4,) * 6,  # pools only
+    (2, 1, 4, 0, 2, 3),
+    (0, 3, 2, 0, 0, 3),  # node 1 unreachable: its edges are dead
+]
+
+
+def float64_model(baseline, level):
+    torch.manual_seed(level)
+    model = close.CLOSENet(channels=4, cells=1, num_blocks=5, baseline=baseline).double()
+    model = grown(model, level).train()
+    with torch.no_grad():  # make the blocks different, as training would
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("baseline, level", [(True, 6), (False, 1), (False, 2), (False, 5)])
+def test_the_static_forward_equals_the_sparse_one_in_float64(baseline, level):
+    """The CUDA-graph formulation (every op computed, the arch a mask, the plain sum over blocks)
+    is the same network: logits and every gradient, the GATE's included."""
+    model = float64_model(baseline, level)
+    images, labels = (t.double() if t.is_floating_point() else t for t in small_batch(6))
+    for arch in AWKWARD_ARCHS:
+        results = []
+        for forward in (model, model.static_forward):
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(7)  # the same Gumbel draw and dropout mask
+            logits = forward(images, arch if forward is model else close.arch_tensor(arch))
+            F.cross_entropy(logits, labels).backward()
+            grads = [
+                p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()
+            ]
+            results.append([logits.detach(), *grads])
+        assert all((a - b).abs().max() < 1e-12 for a, b in zip(*results)), arch
+        gate_grad = [
+            g
+            for (name, _), g in zip(model.named_parameters(), results[1][1:])
+            if name.startswith("gate.")
+        ]
+        if not baseline and level > 1 and close.routed_edges(arch):
+            assert any(g.any() for g in gate_grad)  # the sum over blocks reaches the GATE
+
+
 def test_gate_is_hard_in_forward_and_only_chosen_blocks_get_gradient():
     torch.manual_seed(0)
     model = grown(close.CLOSENet(channels=4, cells=2, num_blocks=5), 4).train()
@@ -729,6 +777,27 @@ def test_train_step_is_the_official_step_bit_for_bit():
     # torch 2's default, set_to_none, is another rule: unused weights escape the decay
     other = train(2, True, zero_grad_to_none=True)
     assert not all(torch.equal(a, b) for a, b in zip(train(2, False), other))
+
+
+@pytest.mark.parametrize("baseline, level", [(True, 6), (False, 1), (False, 2)])
+def test_static_steps_train_the_same_supernet_in_float64(baseline, level):
+    """train_step on arch_tensor(arch), the form a CUDA graph can capture, against the sparse
+    step: 15 SGD steps, a growth and smaller batches between, give the same weights."""
+    images, labels = (t.double() if t.is_floating_point() else t for t in small_batch(8))
+    cfg, archs = close.Config(), AWKWARD_ARCHS[:3] + AWKWARD_ARCHS[5:]
+    weights = []
+    for static in (False, True):
+        model = float64_model(baseline, level)
+        optimizer = close.make_optimizer(model, cfg)[0]
+        for i, arch in enumerate(archs * 3):
+            if i == 6 and not baseline:
+                close.add_glow_block(model)
+            size = 8 - i % 2  # the last batch of an epoch is smaller
+            torch.manual_seed(i)
+            arch = close.arch_tensor(arch) if static else arch
+            close.train_step(model, optimizer, images[:size], labels[:size], arch, cfg.grad_clip)
+        weights.append([p.detach().clone() for p in model.parameters()])
+    assert all((a - b).abs().max() < 1e-12 for a, b in zip(*weights))
 
 
 # ---------------------------------------------------------------------------------------------
