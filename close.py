@@ -465,7 +465,6 @@ def arch_tensor(arch):
     return torch.tensor([as_arch(arch), live_edges(arch)])
 
 
-
 class ResidualReduction(nn.Module):
     """NB201's reduction between stages: a ResNet basic block, stride 2, channels doubled."""
 
@@ -689,8 +688,8 @@ def restart_epoch(cfg):
 
 
 def train_step(model, optimizer, images, labels, arch, grad_clip):
-    with autocast(images.device):  # arch_tensor(arch): the static step
-        static = isinstance(arch, torch.Tensor)
+    with autocast(images.device):  # arch_tensor(arch), [2, 6]: the static step
+        static = isinstance(arch, torch.Tensor) and arch.dim() == 2
         logits = model.static_forward(images, arch) if static else model(images, arch)
     loss = F.cross_entropy(logits.float(), labels)
     optimizer.zero_grad(set_to_none=False)  # official: zeroed, never dropped

@@ -800,6 +800,18 @@ def test_static_steps_train_the_same_supernet_in_float64(baseline, level):
     assert all((a - b).abs().max() < 1e-12 for a, b in zip(*weights))
 
 
+def test_train_step_takes_an_arch_as_a_tensor_of_its_ops():
+    images, labels = (t.double() if t.is_floating_point() else t for t in small_batch(8))
+    weights = []
+    for arch in ((3, 2, 1, 3, 4, 2), torch.tensor([3, 2, 1, 3, 4, 2])):
+        model = float64_model(False, 2)
+        optimizer = close.make_optimizer(model, close.Config())[0]
+        torch.manual_seed(0)
+        close.train_step(model, optimizer, images, labels, arch, 5.0)
+        weights.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. Evaluation: the GATE's health, block preference, ranking metrics
 # ---------------------------------------------------------------------------------------------
