@@ -1372,6 +1372,7 @@ def benchmark(cfg, steps, rounds=5):
     print(f"{device}, batch {cfg.batch_size}: written to {out / 'benchmark.json'}")
     return results
 
+
 # --------------------------------------
 # 9. Command line
 class ArgumentParser(argparse.ArgumentParser):
