@@ -1220,7 +1220,10 @@ def run(cfg, resume=False, load="", given=()):
         train_supernet = fit_on_rank0 if WORLD > 1 else fit
         log = checkpoint["log"] if checkpoint else train_supernet(model, data, cfg, out)
         times["train_s"] = sum(row["seconds"] for row in log or [])
-        return score_rank_search(model, data, cfg, out, truth, times)
+        results = score_rank_search(model, data, cfg, out, truth, times)
+        if WORLD > 1:  # leave together: a rank that left gloo while rank 0 searched has aborted
+            dist.barrier()
+        return results
     except KeyboardInterrupt:
         saved = (out / "config.json").exists()
         raise Interrupted("interrupted: " + ("--resume continues" if saved else
