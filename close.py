@@ -688,8 +688,8 @@ def restart_epoch(cfg):
 
 
 def train_step(model, optimizer, images, labels, arch, grad_clip):
-    with autocast(images.device):  # arch_tensor(arch), [2, 6]: the static step
-        static = isinstance(arch, torch.Tensor) and arch.dim() == 2
+    static = isinstance(arch, torch.Tensor) and arch.dim() == 2  # arch_tensor(arch), [2, 6]
+    with autocast(images.device):
         logits = model.static_forward(images, arch) if static else model(images, arch)
     loss = F.cross_entropy(logits.float(), labels)
     optimizer.zero_grad(set_to_none=False)  # official: zeroed, never dropped
