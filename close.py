@@ -4,7 +4,7 @@ Sections 1-7 are the method in the paper's order; 8-9 are the program around it.
 
     python close.py --epochs 250 --device cuda  # train, score all 6,466 archs, search
     python close.py --baseline --epochs 250 --device cuda  # the vanilla one-shot supernet
-    python close.py --data synthetic --epochs 5 --cells 1  # everything, offline, in seconds
+    python close.py --data synthetic --epochs 5 --cells 1 --eval-archs 50  # offline, a minute
 """
 from __future__ import annotations
 
@@ -57,23 +57,37 @@ class Config:
     weight_decay: float = option(5e-4, "SGD weight decay, on every parameter")
     grad_clip: float = option(5.0, "gradient-norm clip")
     seed: int = option(0, "seed of training")
-    # data
+    # data and machine
     data: str = option("cifar10", "cifar10 (torchvision download), synthetic, or a folder "
                        "DATA/train/<class>/<image>")
     data_root: str = option("data", "where torchvision keeps CIFAR-10")
     train_subset: int = option(0, "train on a seeded subset of N images (0: all)")
     device: str = option("auto", "cpu, cuda, cuda:N, or auto")
+    threads: int = option(0, "CPU threads per process (0: torch's default; under torchrun, the "
+                          "cores shared)")
     # scoring and search
     eval_gate: str = option("sample", "blocks at scoring: one Gumbel draw per arch (official), "
                             "or the GATE's argmax", ("sample", "argmax"))
     eval_archs: int = option(0, "score a seeded subset of N unique archs (0: all 6,466)")
     eval_batches: int = option(0, "score on the first N held-out batches (0: all)")
     eval_seed: int = option(0, "seed of the --eval-archs subset and of the scoring draws")
+    images_per_pass: int = option(0, "held-out images per scoring pass, whole batches, each "
+                                  "normalised alone (0: 40 batches on a GPU, 1 on a CPU)")
+    search: str = option("evolution", "search strategy", ("evolution", "random"))
     search_budget: int = option(1000, "fitness evaluations of the search (0: no search)")
     population: int = option(50, "population of the evolutionary search")
     tournament: int = option(10, "tournament size of the evolutionary search")
     nb201: str = option("", "NB201 ground truth for the ranking metrics (see nb201_api_slim.py)")
     out: str = option("", "output folder (default: a new folder in runs/ named by the options)")
+
+
+# The rest of the official recipe, fixed: each constant named once, with its official value.
+HELDOUT_FRACTION = 0.2  # of CIFAR-10's training images: 40,000 train the supernet, 10,000 score
+GATE_WIDTHS = {"embedding": 48, "hidden": 96, "graph_layers": (128,) * 5, "mlp": 200}
+GATE_DROPOUT = 0.1  # after each hidden layer of the GATE's MLP
+GUMBEL_TEMPERATURE = 5.0  # the forward draw is argmax(logits + Gumbel) whatever it is
+PLATEAU_PATIENCE = 30 / 1000  # of the epochs: lr halves after 30 of 1,000 without a lower loss
+RESTART_FRACTION = 0.4  # of the epochs: the learning-rate restart, officially at epoch 401
 
 
 class UsageError(Exception):
@@ -198,7 +212,6 @@ def routed_edges(arch):
 # 2. Data: uint8 images resident on the device, augmented there in whole batches
 CIFAR10_MEAN = (0.49139968, 0.48215827, 0.44653124)
 CIFAR10_STD = (0.24703233, 0.24348505, 0.26158768)
-HELDOUT_FRACTION = 0.2  # CIFAR-10: 40,000 images train the supernet, 10,000 score archs
 
 
 @dataclass
@@ -331,16 +344,51 @@ def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def batch_norm(channels):
-    # Archs are scored with batch statistics (the one-shot protocol): running statistics would
-    # never be read, so none are kept, and eval() mode uses batch statistics too.
-    return nn.BatchNorm2d(channels, track_running_stats=False)
+# Archs are scored with batch statistics (the one-shot protocol): running statistics would never
+# be read, so none are kept, and eval() mode uses batch statistics too. Scoring sends many batches
+# through in one pass (a GPU is launch-bound on one batch) and normalises each on its own.
+_statistics_group = None  # images per group of batch statistics; None: the whole input
+
+
+@contextlib.contextmanager
+def batch_statistics_per(images):
+    """Inside, every BN normalises each run of `images` consecutive images by its own statistics:
+    a pass over many batches computes what one pass per batch would."""
+    global _statistics_group
+    previous, _statistics_group = _statistics_group, images
+    try:
+        yield
+    finally:
+        _statistics_group = previous
+
+
+def batch_norm(x, weight=None, bias=None, eps=1e-5):
+    """BN on batch statistics (biased variance, as F.batch_norm), per group if asked for."""
+    group = _statistics_group
+    if group is None or group == len(x):
+        return F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)
+    groups = x.unflatten(0, (-1, group))  # [G, group, C, H, W]
+    var, mean = (s.double() for s in torch.var_mean(groups, (1, 3, 4), keepdim=True, correction=0))
+    scale = torch.rsqrt(var + eps)  # per group and channel: tiny, so in float64
+    if weight is not None:
+        scale = scale * weight[:, None, None]
+    shift = -mean * scale + (0 if bias is None else bias[:, None, None])
+    return torch.addcmul(shift.to(x.dtype), groups, scale.to(x.dtype)).flatten(0, 1)
+
+
+class BatchNorm(nn.BatchNorm2d):
+    """nn.BatchNorm2d (affine) on batch statistics alone, grouped inside batch_statistics_per."""
+
+    def __init__(self, channels):
+        super().__init__(channels, track_running_stats=False)
+
+    def forward(self, x):
+        return batch_norm(x, self.weight, self.bias, self.eps)
 
 
 def relu_conv_bn(x, weight):
     """NB201's nor_conv_kxk: ReLU -> conv (no bias) -> BN without affine, batch statistics."""
-    out = F.conv2d(F.relu(x), weight, padding=weight.shape[-1] // 2)
-    return F.batch_norm(out, None, None, training=True)
+    return batch_norm(F.conv2d(F.relu(x), weight, padding=weight.shape[-1] // 2))
 
 
 class GlowBlock(nn.Module):
@@ -368,14 +416,22 @@ class SharingAssignment:
     gate: torch.Tensor | None = None
 
 
+# False: glow_op computes the paper's sum as written (slower, the same loss and gradients).
+FUSED_UNCHOSEN_BLOCKS = True
+
+
 def glow_op(x, op, edge, glow_blocks, assignment):
-    """The paper's edge output, sum_i gate_i * block_i(x) over the active blocks, with one-hot gate
-    weights in the forward pass. Only the chosen block needs autograd (the others' weight is 0);
-    the others matter by their values alone, for the gate's gradient <dL/d out, block_i(x)>: one
-    fused forward-only conv. Equal to the plain sum, gradients included."""
+    """The paper's edge output: sum_i gate_i * block_i(x) over the active blocks, gate one-hot in
+    the forward pass (straight-through). Without a gate (scoring, vanilla, level 1) the one block
+    the assignment names."""
     if assignment.gate is None:
         return relu_conv_bn(x, glow_blocks[assignment.blocks[edge]].weight(op))
     gate = assignment.gate[edge]  # [level]
+    if not FUSED_UNCHOSEN_BLOCKS:  # every active block with autograd, as the official code
+        return sum(g * relu_conv_bn(x, block.weight(op)) for g, block in zip(gate, glow_blocks))
+    # The same sum made cheap: only the chosen block needs autograd (the others' weight is 0); the
+    # others matter by their values alone, for the gate's gradient <dL/d out, block_i(x)>, so
+    # they run as one forward-only conv and UnchosenBlocks adds their gradient.
     level = gate.shape[0]
     weights = torch.stack([block.weight(op) for block in glow_blocks[:level]])
     chosen = assignment.blocks[edge].view(1)  # on the device: no host sync
@@ -434,36 +490,6 @@ class Cell(nn.Module):
             nodes.append(sum(terms) if terms else None)  # live edges never read an empty node
         return nodes[3] if nodes[3] is not None else torch.zeros_like(x)
 
-    def static_forward(self, x, arch, assignment):
-        """forward() with the same work for every arch, for CUDA graphs: each edge runs every op
-        and the arch (arch_tensor) masks all but its own (1x1 kernels padded to 3x3). With a
-        gate, the paper's edge output as written: sum_i gate_i * block_i(x), active blocks."""
-        ops, live = arch
-        mask = (F.one_hot(ops, len(OPS)) * live[:, None]).to(x.dtype)  # [6 edges, 5 ops]
-        gate = assignment.gate
-        if gate is None:
-            blocks = assignment.blocks[:, None]  # [6 edges, 1]
-        else:
-            blocks = torch.arange(gate.shape[1], device=x.device)[None]  # [1, level]
-        conv1x1 = torch.stack([F.pad(b.conv1x1.weight, (1, 1, 1, 1)) for b in self.glow_blocks])
-        conv3x3 = torch.stack([b.conv3x3.weight for b in self.glow_blocks])
-        pick = mask[:, :, None, None, None, None, None]
-        kernels = pick[:, CONV1X1] * conv1x1[blocks] + pick[:, CONV3X3] * conv3x3[blocks]
-        nodes = [x, 0, 0, 0]
-        for e, (src, dst) in enumerate(EDGES):  # in this order a node is complete when read
-            h, m = nodes[src], mask[e]
-            convs = relu_conv_bn(h, kernels[e].flatten(0, 1)).unflatten(1, kernels.shape[1:3])
-            conv = convs[:, 0] if gate is None else (convs * gate[e, :, None, None, None]).sum(1)
-            pool = F.avg_pool2d(h, 3, 1, 1, count_include_pad=False)
-            out = (m[CONV1X1] + m[CONV3X3]) * conv + m[SKIP] * h + m[AVG_POOL] * pool
-            nodes[dst] = nodes[dst] + out
-        return nodes[3]
-
-
-def arch_tensor(arch):
-    """An arch as static_forward takes it: long [2, 6], each edge's op and whether it is live."""
-    return torch.tensor([as_arch(arch), live_edges(arch)])
-
 
 class ResidualReduction(nn.Module):
     """NB201's reduction between stages: a ResNet basic block, stride 2, channels doubled."""
@@ -471,9 +497,9 @@ class ResidualReduction(nn.Module):
     def __init__(self, c_in, c_out):
         super().__init__()
         self.a = nn.Sequential(nn.ReLU(), nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False),
-                               batch_norm(c_out))
+                               BatchNorm(c_out))
         self.b = nn.Sequential(nn.ReLU(), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False),
-                               batch_norm(c_out))
+                               BatchNorm(c_out))
         self.shortcut = nn.Sequential(nn.AvgPool2d(2, 2), nn.Conv2d(c_in, c_out, 1, bias=False))
 
     def forward(self, x):
@@ -485,13 +511,13 @@ class Gate(nn.Module):
     block. Node 0 starts from a learned embedding, nodes 1-3 from zero; each layer sends node j's
     message W h_j to node i through an attention made from the op on edge j->i (official widths)."""
 
-    def __init__(self, num_blocks, embedding=48, hidden=96, graph_layers=(128,) * 5, mlp=200,
-                 dropout=0.1):
+    def __init__(self, num_blocks, sizes=GATE_WIDTHS, dropout=GATE_DROPOUT):
         super().__init__()
+        embedding, hidden, mlp = sizes["embedding"], sizes["hidden"], sizes["mlp"]
         self.op_embedding = nn.Embedding(len(OPS), embedding)
         self.input_node_embedding = nn.Parameter(torch.randn(embedding))
         self.lift = nn.Linear(embedding, hidden)
-        widths = (hidden,) + tuple(graph_layers)
+        widths = (hidden,) + tuple(sizes["graph_layers"])
         self.messages = nn.ModuleList(nn.Linear(a, b, bias=False)
                                       for a, b in zip(widths, widths[1:]))
         self.attention = nn.ModuleList(nn.Linear(embedding, b) for b in widths[1:])
@@ -522,9 +548,6 @@ class Gate(nn.Module):
         return self.mlp(torch.cat([h[..., self.edge_src, :], h[..., self.edge_dst, :]], dim=-1))
 
 
-GUMBEL_TEMPERATURE = 5.0  # official; the forward draw is argmax(logits + Gumbel) whatever it is
-
-
 def gumbel_draw(logits):
     """Straight-through Gumbel: one-hot forward, the gradient of the soft probabilities."""
     gate = F.gumbel_softmax(logits, tau=GUMBEL_TEMPERATURE, hard=True)
@@ -539,14 +562,14 @@ class CLOSENet(nn.Module):
         self.baseline = baseline
         self.num_blocks = len(EDGES) if baseline else num_blocks
         self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1, bias=False),
-                                  batch_norm(channels))
+                                  BatchNorm(channels))
         layers = []
         for stage, width in enumerate((channels, 2 * channels, 4 * channels)):
             if stage:
                 layers.append(ResidualReduction(width // 2, width))
             layers += [Cell(width, self.num_blocks) for _ in range(cells)]
         self.layers = nn.ModuleList(layers)
-        self.head = nn.Sequential(batch_norm(4 * channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        self.head = nn.Sequential(BatchNorm(4 * channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                                   nn.Flatten(), nn.Dropout(0.1),
                                   nn.Linear(4 * channels, num_classes))
         self.gate = None if baseline else Gate(num_blocks)
@@ -606,21 +629,6 @@ class CLOSENet(nn.Module):
             x = layer(x, arch, assignment) if isinstance(layer, Cell) else layer(x)
         return self.head(x)
 
-    def static_forward(self, images, arch, assignment=None):
-        """forward() for CUDA graphs, arch by arch_tensor(); by default, the training draw."""
-        ops = arch[0]
-        if assignment is None and self.baseline:
-            assignment = SharingAssignment(blocks=torch.arange(len(EDGES), device=ops.device))
-        elif assignment is None and self.level == 1:
-            assignment = SharingAssignment(blocks=torch.zeros_like(ops))
-        elif assignment is None:
-            with torch.autocast(ops.device.type, enabled=False):
-                assignment = gumbel_draw(self.gate(ops)[:, :self.level])
-        x = self.stem(images)
-        for layer in self.layers:
-            x = layer.static_forward(x, arch, assignment) if isinstance(layer, Cell) else layer(x)
-        return self.head(x)
-
     def get_extra_state(self):  # the level travels with the weights in state_dict()
         return {"level": self.level}
 
@@ -667,7 +675,7 @@ def make_optimizer(model, cfg):
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     optimizer.register_step_pre_hook(zero_missing_grads)
-    patience = max(1, round(30 * cfg.epochs / 1000))  # official: 30 epochs in 1,000
+    patience = max(1, round(PLATEAU_PATIENCE * cfg.epochs))
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5,
                                                            patience=patience, threshold=1e-4)
     return optimizer, scheduler
@@ -683,14 +691,14 @@ def zero_missing_grads(optimizer, *_):
 
 
 def restart_epoch(cfg):
-    """The learning-rate restart: official at epoch 401 of 1,000 (lr back to 0.05, no momentum)."""
-    return int(0.4 * cfg.epochs)
+    """The learning-rate restart: a new optimizer (lr back to --lr, momentum buffers empty) and a
+    new plateau schedule, officially at epoch 401 of 1,000."""
+    return int(RESTART_FRACTION * cfg.epochs)
 
 
 def train_step(model, optimizer, images, labels, arch, grad_clip):
-    static = isinstance(arch, torch.Tensor) and arch.dim() == 2  # arch_tensor(arch), [2, 6]
     with autocast(images.device):
-        logits = model.static_forward(images, arch) if static else model(images, arch)
+        logits = model(images, arch)
     loss = F.cross_entropy(logits.float(), labels)
     optimizer.zero_grad(set_to_none=False)  # official: zeroed, never dropped
     loss.backward()
@@ -759,20 +767,36 @@ def evaluating(model):
         model.train(training)
 
 
+def scoring_passes(count, batch_size, images_per_pass):
+    """(start, end, group) of each scoring pass: whole batches, images_per_pass at most, then the
+    last, smaller batch alone."""
+    whole = count - count % batch_size
+    passes = [(start, min(start + images_per_pass, whole), batch_size)
+              for start in range(0, whole, images_per_pass)]
+    return passes + ([(whole, count, count - whole)] if whole < count else [])
+
+
 @torch.no_grad()
-def score_arch(model, arch, images, labels, batch_size, eval_gate="sample", seed=0):
+def score_arch(model, arch, images, labels, batch_size, eval_gate="sample", seed=0,
+               images_per_pass=0):
     """One-shot evaluation: accuracy (%) and loss of arch with the supernet's weights, means over
-    batches; dropout off, BN on batch statistics (eval() does both)."""
+    batches; dropout off, BN on each batch's statistics (eval() does both). The batches go through
+    images_per_pass at a time (0: 40 batches on a GPU, where launches cost; 1 on a CPU, where
+    cache misses do)."""
+    if images_per_pass % batch_size:
+        raise ValueError(f"images per pass ({images_per_pass}) must be 0 or a multiple of the "
+                         f"batch size ({batch_size})")
+    images_per_pass = images_per_pass or batch_size * (40 if images.device.type == "cuda" else 1)
     arch, accuracies, losses = as_arch(arch), [], []
     with evaluating(model):
         assignment = model.sharing_assignment(arch, eval_gate, seed)
-        for start in range(0, len(labels), batch_size):
-            x, y = images[start:start + batch_size], labels[start:start + batch_size]
-            with autocast(images.device):
-                logits = model(x, arch, assignment).float()
-            accuracies.append((logits.argmax(1) == y).float().mean() * 100)
-            losses.append(F.cross_entropy(logits, y))
-    return torch.stack(accuracies).mean().item(), torch.stack(losses).mean().item()
+        for start, end, group in scoring_passes(len(labels), batch_size, images_per_pass):
+            with autocast(images.device), batch_statistics_per(group):
+                logits = model(images[start:end], arch, assignment).double()  # bf16 on a GPU
+            logits, y = logits.unflatten(0, (-1, group)), labels[start:end].view(-1, group)
+            accuracies.append((logits.argmax(-1) == y).double().mean(1) * 100)
+            losses.append(F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1))
+    return torch.cat(accuracies).mean().item(), torch.cat(losses).mean().item()
 
 
 def edges_per_block(model, archs, cfg):
@@ -849,9 +873,13 @@ def ranking_metrics(predicted, truth, ratios=(0.01, 0.05, 0.1, 0.5)):
     return {key: float(v) if isinstance(v, np.floating) else v for key, v in metrics.items()}
 
 
+NB201_DATASETS = ("cifar10", "cifar100", "ImageNet16-120")  # the supernet trains on CIFAR-10
+
+
 @dataclass
 class GroundTruth:
-    """NB201 CIFAR-10 test accuracy of every arch (its class's mean), its class's rank (1: best)."""
+    """NB201 test accuracy of every arch (its class's mean) and its class's rank (1: best), per
+    dataset of the table: accuracy[dataset][arch]. CIFAR-10's ranks the one-shot scores."""
     accuracy: dict
     rank: dict
 
@@ -863,20 +891,28 @@ def load_ground_truth(path):
         raise UsageError("--nb201 needs nb201_api_slim.py next to close.py") from None
     try:
         table = nb201_api_slim.load(path)
-        by_class = table.group_accuracies(lambda text: canonical(str_to_arch(text)))
+        datasets = [dataset for dataset in NB201_DATASETS if dataset in table.datasets]
+        classes = {dataset: table.group_accuracies(lambda text: canonical(str_to_arch(text)),
+                                                   dataset) for dataset in datasets}
     except (OSError, ValueError) as error:
         raise UsageError(f"--nb201 {path}: {error}") from None
-    missing = len(set(unique_archs()) - by_class.keys())
-    if missing:
-        raise UsageError(f"--nb201 {path}: no CIFAR-10 accuracy for {missing} of the 6,466 "
+    complete = {d: by_class for d, by_class in classes.items() if len(by_class) == 6466}
+    if "cifar10" not in complete:
+        raise UsageError(f"--nb201 {path}: no CIFAR-10 accuracy for every one of the 6,466 "
                          f"isomorphism classes")
-    class_rank = dict(zip(by_class, (descending_ranks(list(by_class.values())) + 1).tolist()))
-    return GroundTruth({a: by_class[canonical(a)] for a in ALL_ARCHS},
-                       {a: class_rank[canonical(a)] for a in ALL_ARCHS})
+    if lacking := [d for d in NB201_DATASETS if d not in complete]:
+        print(f"--nb201 {path}: no complete {', '.join(lacking)} column: the found cell is "
+              f"reported on {', '.join(complete)} only")
+    accuracy, rank = {}, {}
+    for dataset, by_class in complete.items():
+        class_rank = dict(zip(by_class, (descending_ranks(list(by_class.values())) + 1).tolist()))
+        accuracy[dataset] = {a: by_class[canonical(a)] for a in ALL_ARCHS}
+        rank[dataset] = {a: class_rank[canonical(a)] for a in ALL_ARCHS}
+    return GroundTruth(accuracy, rank)
 
 
 # --------------------------------------
-# 7. Search: regularized evolution (Real et al., 2019) over unique architectures
+# 7. Search over unique architectures: regularized evolution, and random search as its baseline
 def mutate(arch, rng):
     """Change the op on one edge, until the child is another cell (not an isomorph)."""
     while True:
@@ -889,8 +925,9 @@ def mutate(arch, rng):
 
 
 def regularized_evolution(fitness, budget, population_size=50, tournament_size=10, seed=0):
-    """Age-regularized evolution: the tournament winner's mutant joins, the oldest member leaves;
-    `budget` counts calls of `fitness`. Its own random stream, not --eval-archs' one."""
+    """Age-regularized evolution (Real et al., 2019): the tournament winner's mutant joins, the
+    oldest member leaves; `budget` counts calls of `fitness`. Its own random stream, not
+    --eval-archs' one. Returns the best arch, its fitness and the (arch, fitness) history."""
     rng = random.Random(f"regularized-evolution-{seed}")
     history, population = [], []
 
@@ -904,21 +941,32 @@ def regularized_evolution(fitness, budget, population_size=50, tournament_size=1
         sample = rng.sample(population, min(tournament_size, len(population)))
         evaluate(mutate(max(sample, key=lambda member: member[1])[0], rng))
         population.pop(0)
-    best = max(history, key=lambda member: member[1])
-    return best[0], best[1], history
+    return max(history, key=lambda member: member[1]) + (history,)
+
+
+def random_search(fitness, budget, seed=0):
+    """Every NAS paper's first baseline: `budget` distinct unique archs drawn at random (at most
+    all 6,466), the best kept. Returns as regularized_evolution does."""
+    rng = random.Random(f"random-search-{seed}")
+    drawn = rng.sample(unique_archs(), min(budget, len(unique_archs())))
+    history = [(arch, fitness(arch)) for arch in drawn]
+    return max(history, key=lambda member: member[1]) + (history,)
 
 
 def search_with_supernet(model, images, labels, cfg, scores):
-    """Regularized evolution on one-shot accuracy (never the ground truth), scoring on demand."""
+    """--search on one-shot accuracy (never the ground truth), scoring archs on demand."""
     def fitness(arch):
         if arch not in scores:
             scores[arch] = score_arch(model, arch, images, labels, cfg.batch_size, cfg.eval_gate,
-                                      cfg.eval_seed)
+                                      cfg.eval_seed, cfg.images_per_pass)
         return scores[arch][0]
 
-    best, _, history = regularized_evolution(fitness, cfg.search_budget, cfg.population,
-                                             cfg.tournament, cfg.seed)
-    return {"best": best, "budget": cfg.search_budget,
+    if cfg.search == "random":
+        best, _, history = random_search(fitness, cfg.search_budget, cfg.seed)
+    else:
+        best, _, history = regularized_evolution(fitness, cfg.search_budget, cfg.population,
+                                                 cfg.tournament, cfg.seed)
+    return {"strategy": cfg.search, "best": best, "budget": cfg.search_budget,
             "unique_evaluated": len({a for a, _ in history})}
 
 
@@ -977,17 +1025,23 @@ def duration(seconds):
     return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
 
 
-def resolve_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+def use_machine(cfg):
+    """--threads (else torch's default; under torchrun each rank's share of the cores) and the
+    device (under torchrun, rank r on cuda:(LOCAL_RANK mod GPUs))."""
+    if cfg.threads or WORLD > 1:
+        share = (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"] if WORLD > 1 else 1)
+        torch.set_num_threads(cfg.threads or max(1, share))
+    name = cfg.device
+    if name in ("auto", "cuda") and torch.cuda.is_available():
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
     try:
-        device = torch.device(name)
+        device = torch.device("cpu" if name == "auto" else name)
     except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name}: unknown device (cpu, cuda, cuda:N or auto)")
+        device = torch.device("meta")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {cfg.device}: unknown device (cpu, cuda, cuda:N or auto)")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: CUDA is not available here")
+        raise UsageError(f"--device {cfg.device}: CUDA is not available here")
     return device
 
 
@@ -995,13 +1049,16 @@ def check_config(cfg):
     """Every option, before anything is read or written."""
     rules = [("epochs batch_size blocks channels cells population tournament lr grad_clip",
               lambda v: v > 0, "be positive"),
-             ("eval_archs eval_batches search_budget train_subset weight_decay",
-              lambda v: v >= 0, "be 0 or more"),
+             ("eval_archs eval_batches search_budget train_subset weight_decay threads "
+              "images_per_pass", lambda v: v >= 0, "be 0 or more"),
              ("momentum", lambda v: 0 <= v < 1, "be in [0, 1)")]
     for names, valid, rule in rules:
         for name in names.split():
             if not valid(value := getattr(cfg, name)):
                 raise UsageError(f"--{name.replace('_', '-')} must {rule}, got {value}")
+    if cfg.images_per_pass % cfg.batch_size:
+        raise UsageError(f"--images-per-pass must be 0 or a multiple of --batch-size "
+                         f"({cfg.batch_size}), got {cfg.images_per_pass}")
     if not cfg.baseline and cfg.epochs < cfg.blocks:
         raise UsageError(f"--epochs {cfg.epochs} is smaller than the {cfg.blocks} curriculum "
                          f"stages: use --epochs {cfg.blocks} or more, or --blocks {cfg.epochs}")
@@ -1016,7 +1073,7 @@ def default_out(cfg):
 def settle_options(cfg, given, resume, load):
     """A resumed or loaded run takes the run's options but those typed now (`given`), which may not
     change the supernet. Returns them and, for --load, the checkpoint."""
-    checkpoint, fixed = None, RUN_OPTIONS + ("eval_batches", "eval_gate")
+    checkpoint, fixed, path = None, RUN_OPTIONS + ("eval_batches", "eval_gate"), load
     if load:
         checkpoint, fixed = load_checkpoint(load), MODEL_OPTIONS
         saved = checkpoint["config"]
@@ -1024,14 +1081,22 @@ def settle_options(cfg, given, resume, load):
         path = Path(cfg.out or default_out(cfg)) / "config.json"
         if not path.exists():
             raise UsageError(f"--resume: {path.parent} holds no run")
-        saved = json.loads(path.read_text())
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise UsageError(f"--resume: {path} is not readable JSON ({error})") from None
     else:
         return cfg, None
+    defaults = asdict(cfg)
+    if not isinstance(saved, dict) or not set(fixed) <= saved.keys() or any(
+            type(value) is not type(defaults[name])
+            for name, value in saved.items() if name in defaults):
+        raise UsageError(f"{path}: not the options of a close.py run")
     conflicts = [f"--{name.replace('_', '-')} ({saved[name]} there, {getattr(cfg, name)} now)"
                  for name in fixed if name in given and saved[name] != getattr(cfg, name)]
     if conflicts:
         raise UsageError(f"the run had other options: {', '.join(conflicts)}")
-    settled = Config(**{key: value for key, value in saved.items() if key in asdict(cfg)})
+    settled = Config(**{key: value for key, value in saved.items() if key in defaults})
     for name in given:
         setattr(settled, name, getattr(cfg, name))
     if load:
@@ -1042,6 +1107,9 @@ def settle_options(cfg, given, resume, load):
 def claim_out(cfg, resume):
     """The output folder, new or empty: never one holding a run (unless resumed) or files."""
     out = Path(cfg.out or default_out(cfg))
+    there = next(path for path in [out, *out.parents] if path.exists())
+    if not there.is_dir() or not os.access(there, os.W_OK):
+        raise UsageError(f"--out {out}: {there} is not a folder that can be written to")
     if not resume and out.is_dir() and any(out.iterdir()):
         held = "a run: --resume it or" if (out / "config.json").exists() else "other files:"
         raise UsageError(f"--out {out} already holds {held} choose another --out")
@@ -1083,9 +1151,20 @@ def save_checkpoint(path, cfg, model, state, log):
 
 def load_checkpoint(path, device="cpu"):
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # not torch's message: its advice to drop weights_only is unsafe
         raise UsageError(f"{path}: not a close.py checkpoint ({type(error).__name__})") from None
+    if not isinstance(checkpoint, dict) or not {"config", "model", "log"} <= checkpoint.keys():
+        raise UsageError(f"{path}: not a close.py checkpoint (no options, weights and log)")
+    return checkpoint
+
+
+def load_weights(model, weights, path):
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, KeyError, TypeError, AttributeError) as error:
+        raise UsageError(f"{path}: its weights do not fit its options "
+                         f"({str(error).splitlines()[0][:200]})") from None
 
 
 def fit(model, data, cfg, out):
@@ -1094,7 +1173,7 @@ def fit(model, data, cfg, out):
     state, log = TrainingState(*make_optimizer(model, cfg)), []
     if (out / "checkpoint.pt").exists():
         saved = load_checkpoint(out / "checkpoint.pt", data.train_images.device)
-        model.load_state_dict(saved["model"])
+        load_weights(model, saved["model"], out / "checkpoint.pt")
         state.optimizer.load_state_dict(saved["optimizer"])
         state.scheduler.load_state_dict(saved["scheduler"])
         state.epoch, log, rng = saved["epoch"], saved["log"], saved["rng"]
@@ -1125,16 +1204,6 @@ def fit(model, data, cfg, out):
 
     train(model, data, cfg, state, epoch_done)
     return log
-
-
-def start_ranks(cfg):
-    """gloo (ranks may share a GPU), timing out after the longest training; rank r on
-    cuda:(LOCAL_RANK mod GPUs), or on its share of the cores."""
-    dist.init_process_group("gloo", timeout=datetime.timedelta(days=30))
-    local, ranks_here = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
-    if cfg.device in ("auto", "cuda") and torch.cuda.is_available():
-        cfg.device = f"cuda:{local % torch.cuda.device_count()}"
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_here))
 
 
 def from_rank0(value):
@@ -1178,7 +1247,8 @@ def score_archs(model, images, labels, cfg, archs, path):
     with open(path if RANK == 0 else os.devnull, "a", newline="") as file, StopRequest() as stop:
         for start in with_progress(range(0, len(todo), WORLD), label):
             rows = [(arch, score_arch(model, arch, images, labels, cfg.batch_size, cfg.eval_gate,
-                                      cfg.eval_seed)) for arch in todo[start + RANK:][:1]]
+                                      cfg.eval_seed, cfg.images_per_pass))
+                    for arch in todo[start + RANK:][:1]]
             stopping = stop.requested
             if WORLD > 1:
                 everything = [None] * WORLD
@@ -1195,13 +1265,14 @@ def score_archs(model, images, labels, cfg, archs, path):
 
 
 def run(cfg, resume=False, load="", given=()):
-    """Setup, train, score, rank, search, report; every input checked before any work starts."""
+    """Setup, train, score, rank, search, report; every input checked on every rank before any
+    work starts (under torchrun, before the ranks meet)."""
     cfg, checkpoint = settle_options(cfg, set(given), resume, load)
     check_config(cfg)
-    if WORLD > 1:
-        start_ranks(cfg)
-    device, out = resolve_device(cfg.device), claim_out(cfg, resume or RANK > 0)
+    device, out = use_machine(cfg), claim_out(cfg, resume)
     truth = load_ground_truth(cfg.nb201) if cfg.nb201 else None  # never seen by the search
+    if WORLD > 1:  # gloo: ranks may share a GPU; wait out the longest training
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=30))
     if not importlib.util.find_spec("matplotlib"):
         print(f"no matplotlib: no ranking.png (pip install matplotlib; close.py --plot {out})")
     times, started = {}, time.monotonic()
@@ -1212,11 +1283,11 @@ def run(cfg, resume=False, load="", given=()):
         print(f"{out.name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
               f"{len(data.train_labels):,} train / {len(data.heldout_labels):,} held-out images, "
               f"{device}", flush=True)
+        if checkpoint:
+            load_weights(model, checkpoint["model"], load)
         if RANK == 0:  # from here the folder is the run's
             out.mkdir(parents=True, exist_ok=True)
             write_atomic(out / "config.json", json.dumps(asdict(cfg), indent=2))
-        if checkpoint:
-            model.load_state_dict(checkpoint["model"])
         train_supernet = fit_on_rank0 if WORLD > 1 else fit
         log = checkpoint["log"] if checkpoint else train_supernet(model, data, cfg, out)
         times["train_s"] = sum(row["seconds"] for row in log or [])
@@ -1236,15 +1307,22 @@ def score_rank_search(model, data, cfg, out, truth, times):
     if RANK > 0:
         return None
     times["score_s"] = time.monotonic() - started
-    rows = [[arch_to_str(a), *scores[a], truth.accuracy[a] if truth else ""] for a in archs]
+    cifar10 = truth.accuracy["cifar10"] if truth else {}
+    rows = [[arch_to_str(a), *scores[a], cifar10.get(a, "")] for a in archs]
     write_atomic(out / "scores.csv", csv_text(SCORE_FIELDS, rows))
     accuracies, ranking = [scores[a][0] for a in archs], None
     if truth and len(archs) > 1:
-        ranking = ranking_metrics(accuracies, [truth.accuracy[a] for a in archs])
+        ranking = ranking_metrics(accuracies, [cifar10[a] for a in archs])
     started, search, searched = time.monotonic(), None, dict(scores)
     if cfg.search_budget:
         search = search_with_supernet(model, images, labels, cfg, searched)
-        search["best"] = result_row(search["best"], searched, truth)
+        best = search["best"]
+        search["best"] = {"arch": arch_to_str(best), "oneshot_accuracy": searched[best][0],
+                          "oneshot_loss": searched[best][1]}
+        if truth:  # the found cell on each of NB201's datasets, as NAS papers report it
+            search["best"]["nb201"] = {dataset: {"accuracy": truth.accuracy[dataset][best],
+                                                 "rank": truth.rank[dataset][best]}
+                                       for dataset in truth.accuracy}
         write_atomic(out / "search.json", json.dumps(search, indent=2))
     times["search_s"] = time.monotonic() - started
     results = {"run": out.name, "ranking": ranking, "search": search,
@@ -1252,20 +1330,12 @@ def score_rank_search(model, data, cfg, out, truth, times):
                "scored_archs": len(archs), "mean_oneshot_accuracy": float(np.mean(accuracies)),
                "scoring_edges_per_block": edges_per_block(model, archs, cfg),
                "gate": gate_health(model, probe_archs()), "heldout_images": len(labels),
-               "device": str(images.device)}
+               "device": str(images.device), "threads": torch.get_num_threads()}
     write_atomic(out / "metrics.json", json.dumps(results, indent=2))
     print_summary(out, results)
     if importlib.util.find_spec("matplotlib"):
         plot_run(out)
     return results
-
-
-def result_row(arch, scores, truth):
-    row = {"arch": arch_to_str(arch), "oneshot_accuracy": scores[arch][0],
-           "oneshot_loss": scores[arch][1]}
-    if truth:
-        row.update(nb201_accuracy=truth.accuracy[arch], nb201_rank=truth.rank[arch])
-    return row
 
 
 def print_summary(out, results):
@@ -1278,16 +1348,25 @@ def print_summary(out, results):
               f"  draws: {gate['entropy']:.0%} as random as a uniform pick (entropy)\n"
               f"  scoring (--eval-gate): edges per block {results['scoring_edges_per_block']}")
     print_metrics_table([results])
-    if results["search"]:
-        search = results["search"]
-        print(f"search ({search['budget']} evaluations) found {search['best']['arch']}")
+    if search := results["search"]:
+        print(f"search ({search['strategy']}, {search['budget']} evaluations) found "
+              f"{search['best']['arch']}")
 
 
 def finished_run(folder):
-    path = Path(folder) / "metrics.json"
-    if not path.exists():
-        raise UsageError(f"{path} does not exist: is {folder} a finished run?")
-    return {**json.loads(path.read_text()), "run": Path(folder).name}
+    """A finished run's metrics.json, with its options (config.json) and its folder's name."""
+    try:
+        run = json.loads((Path(folder) / "metrics.json").read_text())
+        config = json.loads((Path(folder) / "config.json").read_text())
+        return {**run, "run": Path(folder).name, "config": dict(config), "ranking": run["ranking"]}
+    except (OSError, ValueError, TypeError, KeyError):
+        raise UsageError(f"{folder} is not a finished run (no metrics.json and config.json "
+                         f"written by close.py)") from None
+
+
+def found_cell(run, dataset):
+    """The NB201 accuracy and rank on `dataset` of the cell a run's search found ({}: none)."""
+    return ((run["search"] or {}).get("best") or {}).get("nb201", {}).get(dataset, {})
 
 
 def print_metrics_table(runs):
@@ -1295,81 +1374,134 @@ def print_metrics_table(runs):
     def cell(value):
         return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
-    ranked, best = runs[0]["ranking"], [(run["search"] or {}).get("best", {}) for run in runs]
-    best = [row if "nb201_rank" in row else None for row in best]
-    rows = {"": [run["run"] for run in runs]}
+    rows, ranked = {"": [run["run"] for run in runs]}, [r["ranking"] for r in runs if r["ranking"]]
     for name in SUMMARY_METRICS if ranked else ():
         rows[name] = [cell((run["ranking"] or {}).get(name)) for run in runs]
     rows["mean one-shot"] = [f"{run['mean_oneshot_accuracy']:.1f}%" for run in runs]
-    if any(best):
-        rows["search NB201"] = [f"{b['nb201_accuracy']:.2f}%" if b else "-" for b in best]
-        rows["search rank"] = [f"{b['nb201_rank']:,}/6,466" if b else "-" for b in best]
+    for dataset in NB201_DATASETS:
+        if any(found := [found_cell(run, dataset) for run in runs]):
+            rows[f"found {dataset}"] = [f"{c['accuracy']:.2f}% #{c['rank']:,}" if c else "-"
+                                        for c in found]
     rows["train, score"] = [", ".join(duration(run["times"][key]) for key in ("train_s", "score_s"))
                             for run in runs]
-    width = 2 + max(len(text) for cells in rows.values() for text in cells)
-    for name, cells in rows.items():
-        print(f"{name:14s}" + "".join(f"{text:>{width}s}" for text in cells))
+    label, width = max(map(len, rows)) + 2, 2 + max(len(text) for t in rows.values() for text in t)
+    for name, texts in rows.items():
+        print(f"{name:{label}s}" + "".join(f"{text:>{width}s}" for text in texts))
     if ranked:
-        print(f"({ranked['n']:,} archs; P@top/bottom K: share of the predicted top/bottom K% that "
-              f"truly are; BR/WR@5%: best/worst true rank in the predicted top 5%)")
+        print(f"({ranked[0]['n']:,} archs; P@top/bottom K: share of the predicted top/bottom K% "
+              f"that truly are; BR/WR@5%: best/worst true rank in the predicted top 5%)")
+    if any(found_cell(run, "cifar10") for run in runs):
+        print("(found: the search's cell, its NB201 test accuracy and rank among the 6,466)")
+
+
+# Options a vanilla and a CLOSE run may differ in and still pair (vanilla has no blocks, no GATE).
+UNPAIRED_OPTIONS = ("seed", "baseline", "blocks", "eval_gate", "out", "device", "threads",
+                    "images_per_pass")
+PAIRED_METRICS = ("kendall_tau", "spearman", "P@top5%")
+
+
+def print_paired_differences(runs):
+    """CLOSE minus vanilla, seed by seed, for runs alike in their other options and with --nb201:
+    each pair's difference, their mean and sd, and a paired t-test."""
+    sides = {}
+    for run in runs:
+        options = {k: v for k, v in run["config"].items() if k not in UNPAIRED_OPTIONS}
+        key = (json.dumps(options, sort_keys=True), run["config"].get("seed"))
+        sides.setdefault(key, {}).setdefault(run["config"].get("baseline"), []).append(run)
+    groups, unpaired = {}, []
+    for (options, seed), side in sides.items():
+        pair = side.get(True, []) + side.get(False, [])
+        if len(side.get(True, [])) == len(side.get(False, [])) == 1 and all(
+                run["ranking"] for run in pair):
+            groups.setdefault(options, []).append((seed, *pair))
+        else:
+            unpaired += [run["run"] for run in pair]
+
+    def values(run):
+        found = found_cell(run, "cifar10").get("accuracy", np.nan)
+        return [run["ranking"][name] for name in PAIRED_METRICS] + [found]
+
+    for pairs in groups.values():
+        vanilla, closenet = (np.array([values(pair[k]) for pair in pairs]) for k in (1, 2))
+        lines = [(f"seed {seed}", row) for (seed, *_), row in zip(pairs, closenet - vanilla)]
+        lines.append(("mean", (closenet - vanilla).mean(0)))
+        if len(pairs) > 1:
+            lines += [("sd", (closenet - vanilla).std(0, ddof=1)),
+                      ("p", scipy.stats.ttest_rel(closenet, vanilla).pvalue)]
+        print(f"\nCLOSE - vanilla, paired by seed ({len(pairs)} pairs, the same other options):")
+        print(" " * 8 + "".join(f"{name:>16s}" for name in PAIRED_METRICS + ("found CIFAR-10",)))
+        for name, row in lines:
+            print(f"{name:8s}" + "".join("-".rjust(16) if np.isnan(v) else f"{v:>16.3f}"
+                                        if name == "p" else f"{v:>+16.3f}" for v in row))
+        if len(pairs) < 3:
+            print("(fewer than 3 pairs: the mean, sd and p say nothing yet)")
+    if unpaired and len({run["config"].get("baseline") for run in runs}) == 2:
+        print(f"not paired (no run of the other kind with the same seed and options, or no "
+              f"--nb201): {', '.join(unpaired)}")
 
 
 def plot_run(out):
-    """ranking.png: one-shot vs NB201 accuracy, and the training loss with the curriculum level."""
+    """ranking.png: one-shot vs NB201 accuracy (without --nb201, how the one-shot scores spread)."""
     try:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
     plt.switch_backend("Agg")
     scores = list(csv.DictReader(open(out / "scores.csv")))
-    log = list(csv.DictReader(open(out / "log.csv"))) if (out / "log.csv").exists() else []
-
-    def column(rows, key):
-        return [float(row[key]) for row in rows]
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    oneshot = [float(row["oneshot_accuracy"]) for row in scores]
+    figure, axes = plt.subplots(figsize=(6, 4.5))
     if all(row["nb201_accuracy"] for row in scores):
-        left.scatter(column(scores, "nb201_accuracy"), column(scores, "oneshot_accuracy"), s=8)
-        left.set(xlabel="NB201 accuracy (%)", ylabel="one-shot accuracy (%)", title=out.name)
-    else:  # no --nb201: how the one-shot scores spread
-        left.hist(column(scores, "oneshot_accuracy"), bins=30)
-        left.set(xlabel="one-shot accuracy (%)", ylabel="archs", title=out.name)
-    epochs = column(log, "epoch")
-    right.plot(epochs, column(log, "loss"), "o-")
-    right.set(xlabel="epoch", ylabel="training loss (curriculum level: dashed)")
-    right.twinx().stairs(column(log, "level"), [0] + epochs, color="gray", linestyle="--")
+        axes.scatter([float(row["nb201_accuracy"]) for row in scores], oneshot, s=8)
+        axes.set(xlabel="NB201 CIFAR-10 accuracy (%)", ylabel="one-shot accuracy (%)")
+    else:
+        axes.hist(oneshot, bins=30)
+        axes.set(xlabel="one-shot accuracy (%)", ylabel="archs")
+    axes.set_title(out.name)
     figure.savefig(out / "ranking.png", dpi=120, bbox_inches="tight")
     plt.close(figure)
 
 
 def benchmark(cfg, steps, rounds=5):
-    """ms per training step, vanilla vs CLOSENet at each level (the same 8 archs and batch), by
-    torch.utils.benchmark: the median of 5 rounds, the configurations in turn in each."""
+    """ms per training step, vanilla vs CLOSENet at each level (the same 8 archs and batch), and s
+    per arch to score 40 batches (CIFAR-10's held-out split at batch 256), vanilla and the last
+    level, by torch.utils.benchmark: the median of 5 rounds, the configurations in turn in each."""
     from torch.utils.benchmark import Measurement, Timer
-    device = resolve_device(cfg.device)
+    device = use_machine(cfg)
     torch.manual_seed(cfg.seed)
     with_weights = [arch for arch in unique_archs() if routed_edges(arch)]
     archs = itertools.cycle(random.Random(0).sample(with_weights, 8))
-    data = synthetic_dataset(cfg.batch_size, heldout=0, seed=cfg.seed).to(device)
-    images = normalize(data.train_images).contiguous(memory_format=MEMORY_FORMAT)
+    data = synthetic_dataset(cfg.batch_size, 40 * cfg.batch_size, seed=cfg.seed).to(device)
+    images, heldout = (normalize(x).contiguous(memory_format=MEMORY_FORMAT)
+                       for x in (data.train_images, data.heldout_images))
     calls, closenet = {}, CLOSENet(cfg.channels, cfg.cells, cfg.blocks)
     for key in ["vanilla"] + [f"close_level{level}" for level in range(1, cfg.blocks + 1)]:
         net = CLOSENet(cfg.channels, cfg.cells, baseline=True) if key == "vanilla" else closenet
         net = copy.deepcopy(net).to(device, memory_format=MEMORY_FORMAT)
         optimizer = make_optimizer(net, cfg)[0]
-        calls[key] = lambda net=net, optimizer=optimizer: train_step(
+        calls[key] = steps, lambda net=net, optimizer=optimizer: train_step(
             net.train(), optimizer, images, data.train_labels, next(archs), cfg.grad_clip)
+        if key in ("vanilla", f"close_level{cfg.blocks}"):
+            calls[f"{key}_score"] = 1, lambda net=net: score_arch(
+                net, next(archs), heldout, data.heldout_labels, cfg.batch_size,
+                images_per_pass=cfg.images_per_pass)
         if key != "vanilla" and closenet.level < cfg.blocks:
             add_glow_block(closenet)
     measurements = [Timer("call()", globals={"call": call}, label=key,
-                          num_threads=torch.get_num_threads()).timeit(steps)
-                    for _ in range(rounds) for key, call in calls.items()]
-    results = {"device": str(device), "torch": torch.__version__, "batch_size": cfg.batch_size}
+                          num_threads=torch.get_num_threads()).timeit(number)
+                    for _ in range(rounds) for key, (number, call) in calls.items()]
+    results = {"device": str(device), "torch": torch.__version__, "batch_size": cfg.batch_size,
+               "score_images": len(data.heldout_labels)}
     for measurement in Measurement.merge(measurements):
-        key, ms, iqr = measurement.label, 1000 * measurement.median, 1000 * measurement.iqr
-        ratio = ms / results.setdefault("vanilla_ms_per_step", ms)
-        results.update({f"{key}_ms_per_step": ms, f"{key}_iqr_ms": iqr, f"{key}_ratio": ratio})
-        print(f"{key:13s}{ms:9.1f} ms per step (IQR {iqr:.1f})  {ratio:.2f}x vanilla")
+        key, median, iqr = measurement.label, measurement.median, measurement.iqr
+        if key.endswith("_score"):
+            results.update({f"{key}_s_per_arch": median, f"{key}_iqr_s": iqr})
+            print(f"{key:19s}{median:7.3f} s per arch (IQR {iqr:.3f}) on {len(heldout):,} images")
+        else:
+            ratio = 1000 * median / results.setdefault("vanilla_ms_per_step", 1000 * median)
+            results.update({f"{key}_ms_per_step": 1000 * median, f"{key}_iqr_ms": 1000 * iqr,
+                            f"{key}_ratio": ratio})
+            print(f"{key:13s}{1000 * median:9.1f} ms per step (IQR {1000 * iqr:.1f})  "
+                  f"{ratio:.2f}x vanilla")
     (out := Path(cfg.out or "runs")).mkdir(parents=True, exist_ok=True)
     write_atomic(out / "benchmark.json", json.dumps(results, indent=2))
     print(f"{device}, batch {cfg.batch_size}: written to {out / 'benchmark.json'}")
@@ -1401,8 +1533,8 @@ def parse_args(argv=None):
             ("--load", "no training: score and search the supernet in CKPT", {"metavar": "CKPT"}),
             ("--compare", "print finished runs' metrics side by side", {"nargs": "+"}),
             ("--plot", "draw RUN/ranking.png (needs matplotlib)", {"metavar": "RUN"}),
-            ("--benchmark", "time training steps, vanilla and CLOSENet at each level",
-             {"action": "store_true"}),
+            ("--benchmark", "time training steps, vanilla and CLOSENet at each level, and "
+             "scoring", {"action": "store_true"}),
             ("--benchmark-steps", "timed calls per configuration and round (default: 4)",
              {"type": int, "default": 4})):
         parser.add_argument(flag, help=text, **kind)
@@ -1417,7 +1549,9 @@ def main(argv=None):
     try:
         cfg, args, given = parse_args(argv)
         if args.compare:
-            print_metrics_table([finished_run(folder) for folder in args.compare])
+            runs = [finished_run(folder) for folder in args.compare]
+            print_metrics_table(runs)
+            print_paired_differences(runs)
         elif args.plot:
             finished_run(args.plot)  # or a one-line error
             plot_run(Path(args.plot))

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -77,7 +78,7 @@ def shared_file(name):
 def error_line(capsys, argv):
     code = close.main(argv)
     err = capsys.readouterr().err
-    assert code != 0 and "Traceback" not in err
+    assert code == 2 and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
     return err
 
@@ -328,15 +329,6 @@ def loss_and_grads(model, images, labels, arch, assignment):
     return loss.detach(), grads
 
 
-def glow_op_oracle(x, op, edge, glow_blocks, assignment):
-    """The paper's edge output as the official code computes it: sum_i gate_i * block_i(x),
-    every block with autograd."""
-    if assignment.gate is None:
-        return close.relu_conv_bn(x, glow_blocks[assignment.blocks[edge]].weight(op))
-    gate = assignment.gate[edge]
-    return sum(gate[i] * close.relu_conv_bn(x, glow_blocks[i].weight(op)) for i in range(len(gate)))
-
-
 def close_layer_index(model, cell_number):
     return [i for i, layer in enumerate(model.layers) if isinstance(layer, close.Cell)][cell_number]
 
@@ -397,30 +389,6 @@ def test_an_arch_string_means_the_same_network_everywhere(level):
                 call()
 
 
-@pytest.mark.parametrize("level", [1, 2, 3, 4, 5])
-def test_fast_blocks_equal_the_all_blocks_oracle(level, monkeypatch):
-    torch.manual_seed(level)
-    model = grown(close.CLOSENet(channels=4, cells=1, num_blocks=5), level).train()
-    with torch.no_grad():  # make the blocks different, as training would
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    images, labels = small_batch()
-    arch = (3, 2, 3, 1, 3, 2)
-    torch.manual_seed(100)
-    assignment = gated_assignment(model, arch)
-    fast_loss, fast = loss_and_grads(model, images, labels, arch, assignment)
-    monkeypatch.setattr(close, "glow_op", glow_op_oracle)
-    oracle_loss, oracle = loss_and_grads(model, images, labels, arch, assignment)
-    assert torch.allclose(fast_loss, oracle_loss, rtol=1e-5, atol=1e-6)
-    for name in oracle:
-        assert torch.allclose(fast[name], oracle[name], rtol=1e-4, atol=1e-6), name
-    gate_grad = torch.cat([g.flatten() for name, g in oracle.items() if name.startswith("gate.")])
-    if level == 1:
-        assert not gate_grad.any()  # one block: softmax of one logit, no signal for the gate
-    else:
-        assert gate_grad.abs().sum() > 0
-
-
 AWKWARD_ARCHS = [
     (3, 3, 3, 1, 3, 2),  # every op with weights, skip to the output
     (0,) * 6,  # nothing reaches the output
@@ -442,31 +410,30 @@ def float64_model(baseline, level):
     return model
 
 
-@pytest.mark.parametrize("baseline, level", [(True, 6), (False, 1), (False, 2), (False, 5)])
-def test_the_static_forward_equals_the_sparse_one_in_float64(baseline, level):
-    """The CUDA-graph formulation (every op computed, the arch a mask, the plain sum over blocks)
-    is the same network: logits and every gradient, the GATE's included."""
-    model = float64_model(baseline, level)
+@pytest.mark.parametrize("level", [1, 2, 3, 4, 5])
+def test_the_fused_glow_op_equals_the_papers_plain_sum_in_float64(level, monkeypatch):
+    """sum_i gate_i * block_i(x), every active block with autograd, against the fused form: the
+    loss and every gradient, the GATE's included."""
+    model = float64_model(False, level)
     images, labels = (t.double() if t.is_floating_point() else t for t in small_batch(6))
-    for arch in AWKWARD_ARCHS:
-        results = []
-        for forward in (model, model.static_forward):
-            model.zero_grad(set_to_none=True)
-            torch.manual_seed(7)  # the same Gumbel draw and dropout mask
-            logits = forward(images, arch if forward is model else close.arch_tensor(arch))
-            F.cross_entropy(logits, labels).backward()
-            grads = [
-                p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()
-            ]
-            results.append([logits.detach(), *grads])
-        assert all((a - b).abs().max() < 1e-12 for a, b in zip(*results)), arch
-        gate_grad = [
-            g
-            for (name, _), g in zip(model.named_parameters(), results[1][1:])
-            if name.startswith("gate.")
-        ]
-        if not baseline and level > 1 and close.routed_edges(arch):
-            assert any(g.any() for g in gate_grad)  # the sum over blocks reaches the GATE
+    for arch in AWKWARD_ARCHS[:1] + AWKWARD_ARCHS[2:3] + AWKWARD_ARCHS[5:]:
+        torch.manual_seed(100)
+        assignment = gated_assignment(model, arch)
+        monkeypatch.setattr(close, "FUSED_UNCHOSEN_BLOCKS", True)
+        fused_loss, fused = loss_and_grads(model, images, labels, arch, assignment)
+        monkeypatch.setattr(close, "FUSED_UNCHOSEN_BLOCKS", False)
+        plain_loss, plain = loss_and_grads(model, images, labels, arch, assignment)
+        assert (fused_loss - plain_loss).abs() < 1e-12
+        assert all((fused[name] - plain[name]).abs().max() < 1e-12 for name in plain), arch
+        # the plain sum ran every active block with autograd: each has a gradient, zero or not
+        blocks = model.cells()[0].glow_blocks[:level]
+        for e in close.routed_edges(arch):
+            assert all(block.weight(arch[e]).grad is not None for block in blocks)
+        gate_grad = torch.cat([g.flatten() for n, g in plain.items() if n.startswith("gate.")])
+        if level == 1:
+            assert not gate_grad.any()  # one block: softmax of one logit, no signal for the gate
+        elif close.routed_edges(arch):
+            assert gate_grad.abs().sum() > 0
 
 
 def test_gate_is_hard_in_forward_and_only_chosen_blocks_get_gradient():
@@ -508,6 +475,52 @@ def test_scoring_is_deterministic_argmax_and_uses_batch_statistics():
     a = model(images[:8], (3,) * 6)
     b = model(torch.cat([images[:4], images[8:12]]), (3,) * 6)
     assert not torch.allclose(a[:4], b[:4])
+
+
+@pytest.mark.parametrize("baseline, level", [(True, 6), (False, 5)])
+def test_scoring_in_one_pass_equals_the_per_batch_loop_in_float64(baseline, level):
+    """Many batches in one pass, each normalised by its own statistics, score as one pass per batch
+    (the oracle, written out), the last, smaller batch included; and a pass is one forward."""
+    model = float64_model(baseline, level)
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(70, 3, 32, 32, dtype=torch.float64, generator=generator)
+    labels = torch.randint(10, (70,), generator=generator)
+
+    def per_batch_loop(arch):
+        accuracies, losses = [], []
+        with torch.no_grad(), close.evaluating(model):
+            assignment = model.sharing_assignment(arch)
+            for start in range(0, 70, 16):
+                logits, y = model(images[start : start + 16], arch, assignment), labels[start:][:16]
+                accuracies.append((logits.argmax(1) == y).double().mean() * 100)
+                losses.append(F.cross_entropy(logits, y))
+        return torch.stack(accuracies).mean().item(), torch.stack(losses).mean().item()
+
+    passes = []
+    model.register_forward_hook(lambda module, args, out: passes.append(len(args[0])))
+    for arch in AWKWARD_ARCHS:
+        expected = per_batch_loop(arch)
+        for per_pass, sizes in ((0, [16] * 4 + [6]), (32, [32, 32, 6]), (96, [64, 6])):
+            passes.clear()
+            scored = close.score_arch(model, arch, images, labels, 16, "sample", 0, per_pass)
+            assert passes == sizes  # 0 on a CPU: one batch per pass
+            assert all(abs(a - b) < 1e-12 for a, b in zip(scored, expected)), arch
+    with pytest.raises(ValueError, match="must be 0 or a multiple of the batch size"):
+        close.score_arch(model, arch, images, labels, 16, images_per_pass=24)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA here")
+def test_on_cuda_scoring_in_one_pass_agrees_with_the_per_batch_loop_in_bf16():
+    torch.manual_seed(0)
+    model = grown(close.CLOSENet(channels=8, cells=1, num_blocks=3), 3).cuda()
+    model = model.to(memory_format=close.MEMORY_FORMAT)
+    images = torch.randn(1000, 3, 32, 32, device="cuda")
+    images = images.contiguous(memory_format=close.MEMORY_FORMAT)
+    labels = torch.randint(10, (1000,), device="cuda")
+    for arch in AWKWARD_ARCHS:
+        per_batch = close.score_arch(model, arch, images, labels, 128, images_per_pass=128)
+        one_pass = close.score_arch(model, arch, images, labels, 128)  # CUDA's default: 40 batches
+        assert abs(one_pass[0] - per_batch[0]) < 0.5 and abs(one_pass[1] - per_batch[1]) < 0.01
 
 
 def test_sampled_scoring_gate_is_seeded_per_arch():
@@ -779,27 +792,6 @@ def test_train_step_is_the_official_step_bit_for_bit():
     assert not all(torch.equal(a, b) for a, b in zip(train(2, False), other))
 
 
-@pytest.mark.parametrize("baseline, level", [(True, 6), (False, 1), (False, 2)])
-def test_static_steps_train_the_same_supernet_in_float64(baseline, level):
-    """train_step on arch_tensor(arch), the form a CUDA graph can capture, against the sparse
-    step: 15 SGD steps, a growth and smaller batches between, give the same weights."""
-    images, labels = (t.double() if t.is_floating_point() else t for t in small_batch(8))
-    cfg, archs = close.Config(), AWKWARD_ARCHS[:3] + AWKWARD_ARCHS[5:]
-    weights = []
-    for static in (False, True):
-        model = float64_model(baseline, level)
-        optimizer = close.make_optimizer(model, cfg)[0]
-        for i, arch in enumerate(archs * 3):
-            if i == 6 and not baseline:
-                close.add_glow_block(model)
-            size = 8 - i % 2  # the last batch of an epoch is smaller
-            torch.manual_seed(i)
-            arch = close.arch_tensor(arch) if static else arch
-            close.train_step(model, optimizer, images[:size], labels[:size], arch, cfg.grad_clip)
-        weights.append([p.detach().clone() for p in model.parameters()])
-    assert all((a - b).abs().max() < 1e-12 for a, b in zip(*weights))
-
-
 def test_train_step_takes_an_arch_as_a_tensor_of_its_ops():
     images, labels = (t.double() if t.is_floating_point() else t for t in small_batch(8))
     weights = []
@@ -897,9 +889,14 @@ def test_nb201_table_has_6466_isomorphism_groups():
     assert len(groups) == 6466 and set(groups) == set(close.unique_archs())
     assert max(groups.values()) == pytest.approx(94.37, abs=0.005)
     truth = close.load_ground_truth(str(nb201_csv))
-    assert {arch: truth.accuracy[arch] for arch in close.unique_archs()} == groups and truth.rank[
-        close.str_to_arch(BEST_CIFAR10)
-    ] == 1
+    assert {arch: truth.accuracy["cifar10"][arch] for arch in close.unique_archs()} == groups
+    assert truth.rank["cifar10"][close.str_to_arch(BEST_CIFAR10)] == 1
+    assert set(truth.accuracy) == set(truth.rank) == {"cifar10", "cifar100", "ImageNet16-120"}
+    for dataset, ranks in truth.rank.items():  # each dataset ranks the 6,466 classes itself
+        best = min(close.unique_archs(), key=ranks.__getitem__)
+        assert ranks[best] == 1 and truth.accuracy[dataset][best] == max(
+            truth.accuracy[dataset].values()
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -945,25 +942,47 @@ def test_search_does_not_start_from_the_scored_subset():
 
 def test_regularized_evolution_on_the_nb201_table():
     truth = close.load_ground_truth(str(shared_file("nb201_test_accuracy.csv")))
-    best, value, _ = close.regularized_evolution(truth.accuracy.__getitem__, budget=1000, seed=0)
-    assert value > 94.0 and truth.rank[best] <= 10
+    fitness = truth.accuracy["cifar10"].__getitem__
+    best, value, _ = close.regularized_evolution(fitness, budget=1000, seed=0)
+    assert value > 94.0 and truth.rank["cifar10"][best] <= 10
+
+
+def test_random_search_evaluates_distinct_archs_and_keeps_the_best():
+    calls = []
+
+    def fitness(arch):
+        calls.append(arch)
+        return float(close.arch_index(arch) % 997)
+
+    best, value, history = close.random_search(fitness, budget=300, seed=4)
+    assert len(calls) == len(set(calls)) == len(history) == 300  # distinct, the budget
+    assert set(calls) <= set(close.unique_archs())
+    assert (best, value) == max(history, key=lambda member: member[1])
+    assert close.random_search(fitness, budget=300, seed=4)[0] == best  # seeded
+    assert close.random_search(fitness, budget=300, seed=5)[0] != best
+    _, _, everything = close.random_search(fitness, budget=10**5)
+    assert len(everything) == 6466  # at most every unique arch, each once
+
+
+def test_evolution_beats_random_search_on_the_nb201_table():
+    """As in NB201's own comparison of REA and random search: 10 seeds, 300 evaluations."""
+    fitness = close.load_ground_truth(str(shared_file("nb201_test_accuracy.csv"))).accuracy
+    fitness = fitness["cifar10"].__getitem__
+    evolution = [close.regularized_evolution(fitness, 300, seed=s)[1] for s in range(10)]
+    random_search = [close.random_search(fitness, 300, seed=s)[1] for s in range(10)]
+    assert np.mean(evolution) > np.mean(random_search) + 0.05 and np.mean(evolution) > 94.3
 
 
 # ---------------------------------------------------------------------------------------------
 # 8. Runs: end to end, resume, outputs, bad input
 # ---------------------------------------------------------------------------------------------
-def fake_nb201_csv(path):
-    """A made-up table over all 15,625 archs (not NB201's numbers): accuracy grows with conv ops."""
-    table = nb.NB201(
-        [close.arch_to_str(a) for a in close.ALL_ARCHS],
-        {
-            "cifar10": np.array(
-                [50 + 5 * sum(op in (2, 3) for op in a) + a[0] for a in close.ALL_ARCHS],
-                dtype=float,
-            )
-        },
-    )
-    table.save_csv(path)
+def fake_nb201_csv(path, datasets=("cifar10",)):
+    """A made-up table over all 15,625 archs (not NB201's numbers): accuracy grows with conv ops,
+    and differs between datasets by the op on one edge."""
+    convs = np.array([sum(op in (2, 3) for op in a) for a in close.ALL_ARCHS])
+    columns = {d: 50 - 10 * i + 5 * convs + np.array([a[i] for a in close.ALL_ARCHS])
+               for i, d in enumerate(datasets)}
+    nb.NB201([close.arch_to_str(a) for a in close.ALL_ARCHS], columns).save_csv(path)
     return path
 
 
@@ -1021,11 +1040,36 @@ def test_end_to_end_run_writes_every_output(tmp_path, capsys):
     log = list(csv.DictReader(open(out / "log.csv")))
     assert [row["level"] for row in log] == ["1", "2"]
     search = json.loads((out / "search.json").read_text())
-    assert search["budget"] == 16 and "nb201_rank" in search["best"]
+    assert search["budget"] == 16 and search["strategy"] == "evolution"
+    assert set(search["best"]["nb201"]) == {"cifar10"}  # the fake table has no other column
+    assert 1 <= search["best"]["nb201"]["cifar10"]["rank"] <= 6466
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 2 and state["model"]["_extra_state"]["level"] == 2
     printed = capsys.readouterr().out
-    assert "kendall_tau" in printed and "search (16 evaluations) found" in printed
+    assert "kendall_tau" in printed and "search (evolution, 16 evaluations) found" in printed
+    assert "no complete cifar100, ImageNet16-120 column: the found cell is reported on cifar10" in (
+        printed
+    )
+
+
+def test_random_search_and_the_found_cell_on_nb201s_three_datasets(tmp_path, capsys):
+    nb201 = fake_nb201_csv(tmp_path / "fake.csv", close.NB201_DATASETS)
+    out = tmp_path / "run"
+    argv = TINY + ["--epochs", "1", "--blocks", "1", "--search", "random", "--out", str(out)]
+    assert close.main(argv + ["--nb201", str(nb201)]) == 0
+    printed = capsys.readouterr().out
+    search = json.loads((out / "search.json").read_text())
+    truth, best = close.load_ground_truth(str(nb201)), close.str_to_arch(search["best"]["arch"])
+    assert search["strategy"] == "random" and search["unique_evaluated"] == 16
+    assert search["best"]["nb201"] == {
+        d: {"accuracy": truth.accuracy[d][best], "rank": truth.rank[d][best]}
+        for d in close.NB201_DATASETS
+    }
+    assert json.loads((out / "metrics.json").read_text())["search"] == search
+    assert "search (random, 16 evaluations) found" in printed and "no complete" not in printed
+    for d in close.NB201_DATASETS:  # the summary's rows, as --compare prints them
+        row = next(line for line in printed.splitlines() if line.startswith(f"found {d} "))
+        assert row.endswith(f"{truth.accuracy[d][best]:.2f}% #{truth.rank[d][best]:,}")
 
 
 def test_every_arch_gets_its_class_ground_truth(tmp_path):
@@ -1034,8 +1078,9 @@ def test_every_arch_gets_its_class_ground_truth(tmp_path):
     assert close.canonical(dead_edge) != dead_edge
     table = nb.load(nb201).group_accuracies(lambda text: close.canonical(close.str_to_arch(text)))
     truth = close.load_ground_truth(str(nb201))
-    assert truth.accuracy[dead_edge] == pytest.approx(table[close.canonical(dead_edge)])
-    assert truth.rank[dead_edge] == truth.rank[close.canonical(dead_edge)]
+    accuracy, rank = truth.accuracy["cifar10"], truth.rank["cifar10"]
+    assert accuracy[dead_edge] == pytest.approx(table[close.canonical(dead_edge)])
+    assert rank[dead_edge] == rank[close.canonical(dead_edge)]
 
 
 def test_scoring_and_search_from_a_checkpoint_alone(tmp_path):
@@ -1258,6 +1303,8 @@ def test_bad_input_is_one_clear_line_and_touches_nothing(tmp_path, capsys, extra
         (["--grad-clip", "0"], "--grad-clip must be positive"),
         (["--eval-gate", "best"], "--eval-gate: invalid choice: 'best'"),
         (["--lr", "fast"], "--lr: invalid float value"),
+        (["--images-per-pass", "200"], "--images-per-pass must be 0 or a multiple of --batch"),
+        (["--images-per-pass", "-128"], "--images-per-pass must be 0 or more"),
     ],
 )
 def test_a_bad_value_fails_at_once_and_leaves_the_folder_free(tmp_path, capsys, extra, message):
@@ -1308,6 +1355,39 @@ def test_loading_a_file_that_is_not_a_checkpoint_gives_no_unsafe_advice(tmp_path
     (tmp_path / "README.md").write_text("# not a checkpoint")
     err = error_line(capsys, ["--load", str(tmp_path / "README.md")])
     assert "not a close.py checkpoint" in err and "weights_only" not in err
+
+
+def test_bad_runs_and_checkpoints_are_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "dict.pt")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    (a_file := tmp_path / "a-file").write_text("mine")
+    configs = {"corrupt": "{not json", "listed": "[1, 2]"}
+    configs["typed"] = json.dumps(dataclasses.asdict(close.Config()) | {"epochs": "many"})
+    configs["short"] = json.dumps({"epochs": 3})
+    for name, text in configs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(text)
+    cases = [
+        (["--load", str(tmp_path / "dict.pt")], "dict.pt: not a close.py checkpoint"),
+        (["--load", str(tmp_path / "tensor.pt")], "tensor.pt: not a close.py checkpoint"),
+        (TINY + ["--out", str(a_file)], f"{a_file} is a file, not a folder"),
+        (TINY + ["--out", str(a_file / "run")], f"{a_file} is a file, not a folder"),
+        (["--resume", "--out", str(tmp_path / "corrupt")], "config.json is not readable JSON"),
+        (["--resume", "--out", str(tmp_path / "listed")], "not the options of a close.py run"),
+        (["--resume", "--out", str(tmp_path / "typed")], "not the options of a close.py run"),
+        (["--resume", "--out", str(tmp_path / "short")], "not the options of a close.py run"),
+    ]
+    with monkeypatch.context() as patch:
+        patch.setattr(close, "load_dataset", lambda cfg: pytest.fail("the data was read"))
+        for argv, message in cases:
+            assert message in error_line(capsys, argv), argv
+    assert a_file.read_text() == "mine"
+    # a checkpoint whose weights do not fit its options: found once the model is built
+    config = dataclasses.asdict(close.Config(data="synthetic", channels=4, cells=1))
+    torch.save({"config": config, "model": {"x": torch.zeros(1)}, "log": []}, tmp_path / "w.pt")
+    err = error_line(capsys, ["--load", str(tmp_path / "w.pt"), "--device", "cpu"])
+    assert "w.pt: its weights do not fit its options" in err
+    assert not (tmp_path / "rescored").exists()
 
 
 def test_an_out_folder_holding_a_run_is_protected(tmp_path, capsys):
@@ -1394,9 +1474,8 @@ def test_summary_and_compare_say_what_their_numbers_are(tmp_path, capsys):
         == 0
     )
     printed = capsys.readouterr().out
-    assert (
-        f"== {long_name.name} (" in printed and "/6,466" in printed and "P@top/bottom K:" in printed
-    )
+    assert f"== {long_name.name} (" in printed and "P@top/bottom K:" in printed
+    assert "found cifar10" in printed and "rank among the 6,466" in printed
     epochs = [line for line in printed.splitlines() if line.startswith("epoch ")]
     log = list(csv.DictReader(open(long_name / "log.csv")))
     # percent
@@ -1424,19 +1503,68 @@ def test_summary_and_compare_say_what_their_numbers_are(tmp_path, capsys):
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == [long_name.name] * 2 and table[1].split()[0] == "kendall_tau"
     assert any(line.startswith("mean one-shot") for line in table) and any(
-        line.startswith("search rank") for line in table
+        line.startswith("found cifar10") for line in table
     )
-    assert (
-        close.main(TINY + ["--epochs", "1", "--blocks", "1", "--out", str(tmp_path / "no-truth")])
-        == 0
-    )
+    no_truth = tmp_path / "no-truth"
+    assert close.main(TINY + ["--epochs", "1", "--blocks", "1", "--out", str(no_truth)]) == 0
     printed = capsys.readouterr().out  # without --nb201: no rows of "-" for what was not measured
-    assert (
-        "search rank" not in printed
-        and "search NB201" not in printed
-        and "kendall_tau" not in printed
-    )
-    assert "mean one-shot" in printed and "search (16 evaluations) found" in printed
+    assert "found cifar10" not in printed and "kendall_tau" not in printed
+    assert "mean one-shot" in printed and "search (evolution, 16 evaluations) found" in printed
+    assert close.main(["--compare", str(no_truth), str(long_name)]) == 0  # any run first
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split()[:2] == ["kendall_tau", "-"] and table[1].split()[2] != "-"
+
+
+def finished(folder, seed, baseline, values, **options):
+    """A finished run written by hand: its options, and metrics with Kendall tau, Spearman,
+    P@top5% and the found cell's CIFAR-10 accuracy set to `values`."""
+    folder.mkdir()
+    config = dataclasses.asdict(close.Config(seed=seed, baseline=baseline, **options))
+    (folder / "config.json").write_text(json.dumps(config))
+    tau, spearman, top5, found = values
+    ranking = {name: 0.5 for name in close.SUMMARY_METRICS} | {"n": 200, "kendall_tau": tau}
+    metrics = {
+        "ranking": ranking | {"spearman": spearman, "P@top5%": top5},
+        "search": {"strategy": "evolution", "budget": 100, "best": {"arch": "x", "nb201": {
+            "cifar10": {"accuracy": found, "rank": 7}}}},
+        "mean_oneshot_accuracy": 50.0,
+        "times": {"train_s": 1.0, "score_s": 2.0},
+    }
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return str(folder)
+
+
+def test_compare_pairs_vanilla_and_close_runs_by_seed(tmp_path, capsys):
+    vanilla = {0: (0.30, 0.45, 0.1, 93.0), 1: (0.25, 0.40, 0.0, 92.0), 2: (0.40, 0.55, 0.2, 93.5)}
+    closenet = {0: (0.35, 0.50, 0.3, 93.2), 1: (0.45, 0.60, 0.3, 92.5), 2: (0.38, 0.52, 0.2, 93.0)}
+    runs = [finished(tmp_path / f"close-{s}", s, False, v) for s, v in closenet.items()]
+    runs += [finished(tmp_path / f"vanilla-{s}", s, True, v) for s, v in vanilla.items()]
+    runs.append(finished(tmp_path / "close-3", 3, False, (0.3, 0.4, 0.1, 90.0)))  # no partner
+    runs.append(finished(tmp_path / "vanilla-e9", 0, True, (0.1, 0.2, 0.0, 90.0), epochs=9))
+    # another device or speed option still pairs; another --epochs does not
+    runs.append(finished(tmp_path / "close-gpu", 4, False, (0.3, 0.4, 0.1, 90.0), device="cuda"))
+    runs.append(finished(tmp_path / "vanilla-gpu", 4, True, (0.2, 0.3, 0.1, 89.0), threads=3))
+    assert close.main(["--compare", *runs]) == 0
+    printed = capsys.readouterr().out
+    block = printed.split("CLOSE - vanilla, paired by seed (4 pairs, the same other options):")[1]
+    lines = {line.split()[0] + (line.split()[1] if line.startswith("seed") else ""): line.split()
+             for line in block.splitlines()[2:9]}
+    closenet[4], vanilla[4] = (0.3, 0.4, 0.1, 90.0), (0.2, 0.3, 0.1, 89.0)
+    c, v = (np.array([side[s] for s in range(5) if s != 3]) for side in (closenet, vanilla))
+    for s, row in zip((0, 1, 2, 4), c - v):
+        assert lines[f"seed{s}"][2:] == [f"{x:+.3f}" for x in row]
+    assert lines["mean"][1:] == [f"{x:+.3f}" for x in (c - v).mean(0)]
+    assert lines["sd"][1:] == [f"{x:+.3f}" for x in (c - v).std(0, ddof=1)]
+    assert lines["p"][1:] == [f"{x:.3f}" for x in scipy.stats.ttest_rel(c, v).pvalue]
+    assert "fewer than 3 pairs" not in printed
+    assert "not paired" in printed and "close-3, vanilla-e9" in printed.split("not paired")[1]
+    assert close.main(["--compare", runs[0], runs[3], runs[1], runs[4]]) == 0
+    printed = capsys.readouterr().out
+    assert "(2 pairs" in printed and "fewer than 3 pairs: the mean, sd and p say nothing" in printed
+    assert close.main(["--compare", runs[0], runs[1]]) == 0  # CLOSE runs alone: nothing to pair
+    assert "paired" not in capsys.readouterr().out
+    (tmp_path / "close-0" / "config.json").unlink()
+    assert "close-0 is not a finished run" in error_line(capsys, ["--compare", *runs])
 
 
 def test_help_shows_every_default_and_says_what_benchmark_times(capsys):
@@ -1448,10 +1576,7 @@ def test_help_shows_every_default_and_says_what_benchmark_times(capsys):
             assert (
                 f"{' '.join(option.metadata['help'].split())} (default: {option.default})" in text
             )
-    assert (
-        "time training steps, vanilla and CLOSENet at each level" in text
-        and "scoring" not in text.split("--benchmark ")[1][:80]
-    )
+    assert "time training steps, vanilla and CLOSENet at each level, and scoring" in text
 
 
 def test_progress_line_once_a_minute(capsys):
@@ -1464,8 +1589,9 @@ def test_progress_line_once_a_minute(capsys):
 # ---------------------------------------------------------------------------------------------
 # 9. Command line, in a subprocess
 # ---------------------------------------------------------------------------------------------
-# as torch.set_num_threads(1) above, for a child process
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+# as torch.set_num_threads(1) above, for a child process; without the caller's PYTHONPATH, which
+# may hold this folder (a child must find close.py's neighbours as a user's run does)
+ONE_THREAD = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
 
 
 def child(args, cwd):
@@ -1491,7 +1617,8 @@ def test_cli_error_exit_code_in_a_subprocess_and_benchmark(tmp_path, monkeypatch
     assert close.main(["--benchmark", *args.split(), "--out", str(tmp_path)]) == 0
     bench = json.loads((tmp_path / "benchmark.json").read_text())
     keys = {"vanilla_ms_per_step", "close_level1_ms_per_step", "close_level2_ratio"}
-    assert keys | {"close_level2_iqr_ms"} <= set(bench)
+    keys |= {"vanilla_score_s_per_arch", "close_level2_score_s_per_arch", "close_level2_iqr_ms"}
+    assert keys <= set(bench) and bench["score_images"] == 40 * 8
 
 
 # Under torchrun: 2 ranks on the CPU (gloo). A stop is Ctrl-C on torchrun itself, which forwards it
@@ -1537,7 +1664,8 @@ def torchrun(tmp_path, argv, stop_in="", stop_at=0):
 
 def test_torchrun_scores_exactly_as_one_process_and_resumes_after_stops(tmp_path):
     nb201 = fake_nb201_csv(tmp_path / "fake.csv")
-    argv = TINY + ["--epochs", "4", "--blocks", "2", "--nb201", str(nb201)]
+    # the same threads per process (else CPU float rounding differs), whatever the core count
+    argv = TINY + ["--epochs", "4", "--blocks", "2", "--nb201", str(nb201), "--threads", "1"]
     assert close.main(argv + ["--out", str(tmp_path / "one")]) == 0
     # stopped in training epoch 2 of 4 (rank 0 trains, rank 1 waits): the checkpoint has epoch 1
     stopped = torchrun(tmp_path, argv + ["--out", "two"], "train_step", 3)
@@ -1562,8 +1690,36 @@ def test_torchrun_scores_exactly_as_one_process_and_resumes_after_stops(tmp_path
         one["ranking"] == two["ranking"]
         and one["scoring_edges_per_block"] == two["scoring_edges_per_block"]
     )
+    assert one["threads"] == two["threads"] == 1  # --threads honoured under torchrun too
     # nothing else
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fake.csv", "one", "stop.py", "two"]
+
+
+def test_torchrun_onto_a_folder_holding_a_run_is_one_line_and_code_2_on_every_rank(tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "config.json").write_text("{}")
+    result = torchrun(tmp_path, TINY + ["--epochs", "1", "--blocks", "1", "--out", "taken"])
+    printed = result.stdout + result.stderr
+    ours = [line for line in printed.splitlines() if line.startswith("close.py")]
+    assert ours == ["close.py: error: --out taken already holds a run: --resume it or choose "
+                    "another --out"], printed[-3000:]
+    # each rank exits with code 2, unless torchrun ended it first (SIGTERM) on the other's exit
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", printed)
+    assert "2" in codes and set(codes) <= {"2", "-15"}, printed[-3000:]
+    assert "gloo" not in printed.lower()
+    assert (tmp_path / "taken" / "config.json").read_text() == "{}"
+
+
+def test_threads_a_user_sets_are_honoured_also_under_torchrun(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    for world, threads in ((2, 0), (2, 3), (1, 0), (1, 2)):
+        monkeypatch.setattr(close, "WORLD", world)
+        close.use_threads(close.Config(device="cpu", threads=threads))
+    assert calls == [8, 3, 2]  # torchrun: the cores shared, or --threads; alone: torch's default
 
 
 def test_close_py_alone_asks_for_nb201_api_slim(tmp_path):
