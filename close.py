@@ -1,5 +1,4 @@
 """CLOSE: Curriculum Learning On the Sharing Extent (Zhou et al., ECCV 2022) on NAS-Bench-201.
-
 Sections 1-7 are the method in the paper's order; 8-9 are the program around it.
 
     python close.py --epochs 250 --device cuda  # train, score all 6,466 archs, search
@@ -91,7 +90,7 @@ RESTART_FRACTION = 0.4  # of the epochs: the learning-rate restart, officially a
 
 
 class UsageError(Exception):
-    """A problem with the user's input: reported as one line, never as a traceback."""
+    """Bad input: reported as one line, never as a traceback."""
 
 
 # --------------------------------------
@@ -113,7 +112,7 @@ def arch_to_str(arch):
 
 
 def str_to_arch(text):
-    """The inverse of arch_to_str; anything else is a ValueError naming its first bad token."""
+    """The inverse of arch_to_str; else a ValueError naming the first bad token."""
     tokens = text.replace("|+|", "|").strip("|").split("|") if isinstance(text, str) else []
     ops = [token.partition("~")[0] for token in tokens]
     problem = None
@@ -131,8 +130,7 @@ def str_to_arch(text):
 
 
 def as_arch(arch):
-    """The tuple of an arch's 6 op indices, from any sequence of them or its string. Anything else
-    is a ValueError, never a silently different network."""
+    """An arch's 6 op indices, from any sequence of them or its string; else a ValueError."""
     if isinstance(arch, str):
         return str_to_arch(arch)
     try:
@@ -151,9 +149,9 @@ def arch_index(arch):
 
 
 def isomorphism_key(arch):
-    """NB201's rule for 'same cell': node 3 written as an expression of the input. An edge gives
-    '#' (zero) for op none or source '#', the source itself for skip_connect, else '(source)@op';
-    a node is its sorted terms joined by '+'. '#' sorting before '(' gives NB201's 6,466 classes."""
+    """NB201's rule for 'same cell': node 3 as an expression of the input. An edge gives '#' (zero)
+    for op none or source '#', the source for skip_connect, else '(source)@op'; a node is its
+    sorted terms joined by '+'."""
     expression = ["x"]
     for node in (1, 2, 3):
         terms = []
@@ -188,7 +186,7 @@ def unique_archs():
 
 
 def live_edges(arch):
-    """Edges that work: the source is reachable from the input, the target reaches the output."""
+    """Edges whose source is reachable from the input and whose target reaches the output."""
     arch = as_arch(arch)
     reachable = {0}
     for (src, dst), op in zip(EDGES, arch):  # EDGES is topologically ordered by target
@@ -203,7 +201,7 @@ def live_edges(arch):
 
 
 def routed_edges(arch):
-    """The live edges whose op has weights: those a sharing assignment matters for."""
+    """The live edges whose op has weights: those a sharing assignment routes."""
     ops = as_arch(arch)
     return [e for e, live in enumerate(live_edges(ops)) if live and ops[e] in (CONV1X1, CONV3X3)]
 
@@ -228,7 +226,7 @@ class Dataset:
 
 
 def synthetic_dataset(train=1024, heldout=256, num_classes=10, seed=0):
-    """Random images whose class sets the mean colour: learnable in seconds, no download."""
+    """Random images whose class sets the mean colour: learnable in seconds."""
     generator = torch.Generator().manual_seed(seed)
     palette = torch.randint(40, 216, (num_classes, 3, 1, 1), generator=generator)
     labels = torch.randint(num_classes, (train + heldout,), generator=generator)
@@ -245,7 +243,7 @@ def split(images, labels, order, num_classes):
 
 
 def cifar10_dataset(root):
-    """torchvision's CIFAR-10 train set, split by position as officially (its order is random)."""
+    """torchvision's CIFAR-10 train set, split by position as officially (it is shuffled)."""
     import torchvision
     root = Path(root)
     first_new = next((p for p in [*reversed(root.parents), root] if not p.exists()), None)
@@ -264,8 +262,7 @@ def cifar10_dataset(root):
 
 
 def image_folder_dataset(path, seed=0):
-    """An image-folder tree PATH/train/<class>/*, split by a seeded shuffle (ImageFolder lists
-    files class by class)."""
+    """PATH/train/<class>/*, split by a seeded shuffle (ImageFolder lists class by class)."""
     import torchvision
     from torchvision.transforms.v2.functional import pil_to_tensor, resize
     root = Path(path) / "train"
@@ -301,14 +298,13 @@ def load_dataset(cfg):
 
 
 def normalize(images):
-    """uint8 -> float, CIFAR-10 mean/std normalisation (torchvision's, on a whole batch)."""
+    """uint8 -> float, CIFAR-10 mean/std normalisation."""
     from torchvision.transforms.v2.functional import normalize as tv_normalize
     return tv_normalize(images.float().div_(255), CIFAR10_MEAN, CIFAR10_STD)
 
 
 def augment(images):
-    """Random crop 32 with zero padding 4 and a random horizontal flip, drawn per image (not per
-    batch, as torchvision would): one gather from shifted sources."""
+    """Random crop 32 with zero padding 4 and horizontal flip, per image: one gather."""
     batch, device = images.shape[0], images.device
     padded = F.pad(images, (4, 4, 4, 4))
     offset_y, offset_x = torch.randint(0, 9, (2, batch, 1), device=device)
@@ -344,16 +340,14 @@ def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-# Archs are scored with batch statistics (the one-shot protocol): running statistics would never
-# be read, so none are kept, and eval() mode uses batch statistics too. Scoring sends many batches
-# through in one pass (a GPU is launch-bound on one batch) and normalises each on its own.
+# Archs are scored with batch statistics (the one-shot protocol), so BN keeps no running ones.
+# Scoring sends many batches through one pass (launches are what a GPU waits on) and normalises
+# each on its own, as a pass per batch would.
 _statistics_group = None  # images per group of batch statistics; None: the whole input
 
 
 @contextlib.contextmanager
 def batch_statistics_per(images):
-    """Inside, every BN normalises each run of `images` consecutive images by its own statistics:
-    a pass over many batches computes what one pass per batch would."""
     global _statistics_group
     previous, _statistics_group = _statistics_group, images
     try:
@@ -363,22 +357,18 @@ def batch_statistics_per(images):
 
 
 def batch_norm(x, weight=None, bias=None, eps=1e-5):
-    """BN on batch statistics (biased variance, as F.batch_norm), per group if asked for."""
-    group = _statistics_group
-    if group is None or group == len(x):
+    """F.batch_norm on batch statistics, per group of images inside batch_statistics_per."""
+    group = _statistics_group or len(x)
+    if group == len(x):
         return F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)
     groups = x.unflatten(0, (-1, group))  # [G, group, C, H, W]
     var, mean = (s.double() for s in torch.var_mean(groups, (1, 3, 4), keepdim=True, correction=0))
-    scale = torch.rsqrt(var + eps)  # per group and channel: tiny, so in float64
-    if weight is not None:
-        scale = scale * weight[:, None, None]
-    shift = -mean * scale + (0 if bias is None else bias[:, None, None])
+    scale = torch.rsqrt(var + eps) * (1 if weight is None else weight[:, None, None])  # tiny
+    shift = (0 if bias is None else bias[:, None, None]) - mean * scale
     return torch.addcmul(shift.to(x.dtype), groups, scale.to(x.dtype)).flatten(0, 1)
 
 
 class BatchNorm(nn.BatchNorm2d):
-    """nn.BatchNorm2d (affine) on batch statistics alone, grouped inside batch_statistics_per."""
-
     def __init__(self, channels):
         super().__init__(channels, track_running_stats=False)
 
@@ -387,13 +377,12 @@ class BatchNorm(nn.BatchNorm2d):
 
 
 def relu_conv_bn(x, weight):
-    """NB201's nor_conv_kxk: ReLU -> conv (no bias) -> BN without affine, batch statistics."""
+    """NB201's nor_conv_kxk: ReLU -> conv (no bias) -> BN without affine."""
     return batch_norm(F.conv2d(F.relu(x), weight, padding=weight.shape[-1] // 2))
 
 
 class GlowBlock(nn.Module):
-    """A GLOW block: one set of weights for a cell's parameterised ops, used by whichever edges
-    the sharing assignment sends to it."""
+    """A GLOW block: one set of weights for a cell's parameterised ops."""
 
     def __init__(self, channels):
         super().__init__()
@@ -410,8 +399,8 @@ class GlowBlock(nn.Module):
 
 @dataclass
 class SharingAssignment:
-    """The GLOW block of each edge, in every cell; in training the GATE's draw, on the device, with
-    its straight-through weights `gate` [6, level]."""
+    """The GLOW block of each edge (the same in every cell); in training, the GATE's draw with its
+    straight-through weights `gate` [6, level], on the device."""
     blocks: list[int] | torch.Tensor
     gate: torch.Tensor | None = None
 
@@ -421,17 +410,15 @@ FUSED_UNCHOSEN_BLOCKS = True
 
 
 def glow_op(x, op, edge, glow_blocks, assignment):
-    """The paper's edge output: sum_i gate_i * block_i(x) over the active blocks, gate one-hot in
-    the forward pass (straight-through). Without a gate (scoring, vanilla, level 1) the one block
-    the assignment names."""
+    """The paper's edge output: sum_i gate_i * block_i(x) over the active blocks, the gate one-hot
+    forward (straight-through). Without a gate (scoring, vanilla, level 1): the named block."""
     if assignment.gate is None:
         return relu_conv_bn(x, glow_blocks[assignment.blocks[edge]].weight(op))
     gate = assignment.gate[edge]  # [level]
     if not FUSED_UNCHOSEN_BLOCKS:  # every active block with autograd, as the official code
         return sum(g * relu_conv_bn(x, block.weight(op)) for g, block in zip(gate, glow_blocks))
-    # The same sum made cheap: only the chosen block needs autograd (the others' weight is 0); the
-    # others matter by their values alone, for the gate's gradient <dL/d out, block_i(x)>, so
-    # they run as one forward-only conv and UnchosenBlocks adds their gradient.
+    # The same sum made cheap: the others' weight is 0, so only the chosen block needs autograd;
+    # the others' values give the gate's gradient <dL/d out, block_i(x)>: one forward-only conv.
     level = gate.shape[0]
     weights = torch.stack([block.weight(op) for block in glow_blocks[:level]])
     chosen = assignment.blocks[edge].view(1)  # on the device: no host sync
@@ -446,8 +433,7 @@ def glow_op(x, op, edge, glow_blocks, assignment):
 
 
 class UnchosenBlocks(torch.autograd.Function):
-    """out + sum_k gate_k * value_k over the unchosen blocks, whose gate_k is exactly 0 forward:
-    the sum adds nothing, so only its gradient, <dL/d out, value_k>, is computed."""
+    """out + sum_k gate_k * value_k over the unchosen blocks, gate_k = 0: only the gradient."""
 
     @staticmethod
     def forward(ctx, out, gate, values):
@@ -459,7 +445,7 @@ class UnchosenBlocks(torch.autograd.Function):
     def backward(ctx, grad_out):
         values, = ctx.saved_tensors
         batch, blocks, channels = values.shape[:3]
-        # one batched matmul over pixels; [B,K,C,H,W] -> [B*H*W, K, C] is a view in channels_last
+        # one matmul over pixels; [B,K,C,H,W] -> [B*H*W, K, C] is a view in channels_last
         values = values.permute(0, 3, 4, 1, 2).reshape(-1, blocks, channels).to(ctx.gate_dtype)
         grad = grad_out.permute(0, 2, 3, 1).reshape(-1, channels, 1).to(ctx.gate_dtype)
         return grad_out, torch.bmm(values, grad).sum((0, 2)), None
@@ -509,7 +495,7 @@ class ResidualReduction(nn.Module):
 class Gate(nn.Module):
     """The GATE: a GATES-style graph encoder of the arch, then per edge an MLP giving a logit per
     block. Node 0 starts from a learned embedding, nodes 1-3 from zero; each layer sends node j's
-    message W h_j to node i through an attention made from the op on edge j->i (official widths)."""
+    message W h_j to node i through an attention made from the op on edge j->i."""
 
     def __init__(self, num_blocks, sizes=GATE_WIDTHS, dropout=GATE_DROPOUT):
         super().__init__()
@@ -590,8 +576,8 @@ class CLOSENet(nn.Module):
         return [layer for layer in self.layers if isinstance(layer, Cell)]
 
     def gate_logits(self, archs):
-        """Logits over the active blocks: [6, level] for an arch, [N, 6, level] for a list or a
-        long tensor [N, 6]. fp32: bf16 rounds by ~5e-4, above a fresh GATE's arch signal."""
+        """Logits over the active blocks: [6, level] for an arch, [N, 6, level] for a list or tensor
+        of archs. fp32: bf16 rounds by ~5e-4, above a fresh GATE's arch signal."""
         device = self.gate.edge_src.device
         if isinstance(archs, (torch.Tensor, np.ndarray)):
             archs = archs.tolist()
@@ -604,8 +590,8 @@ class CLOSENet(nn.Module):
 
     def sharing_assignment(self, arch, eval_gate="sample", seed=0):
         """Vanilla: edge e on block e; level 1: block 0. Training: a straight-through Gumbel draw
-        from the GATE. Scoring (eval mode), as officially: a draw seeded by `seed` and the arch
-        (the same in any order), or eval_gate='argmax'."""
+        from the GATE. Scoring (eval mode): a draw seeded by `seed` and the arch (official), or
+        eval_gate='argmax'."""
         arch = as_arch(arch)
         if self.baseline:
             return SharingAssignment(blocks=list(range(len(EDGES))))
@@ -767,30 +753,24 @@ def evaluating(model):
         model.train(training)
 
 
-def scoring_passes(count, batch_size, images_per_pass):
-    """(start, end, group) of each scoring pass: whole batches, images_per_pass at most, then the
-    last, smaller batch alone."""
-    whole = count - count % batch_size
-    passes = [(start, min(start + images_per_pass, whole), batch_size)
-              for start in range(0, whole, images_per_pass)]
-    return passes + ([(whole, count, count - whole)] if whole < count else [])
-
-
 @torch.no_grad()
 def score_arch(model, arch, images, labels, batch_size, eval_gate="sample", seed=0,
                images_per_pass=0):
     """One-shot evaluation: accuracy (%) and loss of arch with the supernet's weights, means over
-    batches; dropout off, BN on each batch's statistics (eval() does both). The batches go through
-    images_per_pass at a time (0: 40 batches on a GPU, where launches cost; 1 on a CPU, where
-    cache misses do)."""
+    batches; dropout off, BN on each batch's statistics (eval() does both). Whole batches go
+    through images_per_pass at a time (0: 40 on a GPU, where launches cost; 1 on a CPU, where
+    cache misses do), the last, smaller batch alone."""
     if images_per_pass % batch_size:
         raise ValueError(f"images per pass ({images_per_pass}) must be 0 or a multiple of the "
                          f"batch size ({batch_size})")
-    images_per_pass = images_per_pass or batch_size * (40 if images.device.type == "cuda" else 1)
+    step = images_per_pass or batch_size * (40 if images.device.type == "cuda" else 1)
+    whole = len(labels) - len(labels) % batch_size
+    passes = [(i, min(i + step, whole), batch_size) for i in range(0, whole, step)]
+    passes += [(whole, len(labels), len(labels) - whole)] if whole < len(labels) else []
     arch, accuracies, losses = as_arch(arch), [], []
     with evaluating(model):
         assignment = model.sharing_assignment(arch, eval_gate, seed)
-        for start, end, group in scoring_passes(len(labels), batch_size, images_per_pass):
+        for start, end, group in passes:
             with autocast(images.device), batch_statistics_per(group):
                 logits = model(images[start:end], arch, assignment).double()  # bf16 on a GPU
             logits, y = logits.unflatten(0, (-1, group)), labels[start:end].view(-1, group)
@@ -800,7 +780,7 @@ def score_arch(model, arch, images, labels, batch_size, eval_gate="sample", seed
 
 
 def edges_per_block(model, archs, cfg):
-    """How many routed edges of `archs` each block scores (a collapsed GATE: all on one)."""
+    """How many routed edges of `archs` each block scores."""
     blocks = []
     with evaluating(model):
         for arch in archs:
@@ -819,7 +799,7 @@ def probe_archs():
 def gate_health(model, archs):
     """Does the GATE route by arch? Over the routed edges of `archs`: spread, the std of the
     logits centred per edge (under 0.05 no block's odds move by 5% between archs); off_dominant,
-    the edges not on the likeliest block (0: collapsed); entropy of a draw / log(level)."""
+    the share not on the likeliest block (0: collapsed); entropy of a draw / log(level)."""
     if model.gate is None or model.level == 1:
         return {"spread": None, "off_dominant": None, "entropy": None}
     routed = torch.tensor([[e in routed_edges(arch) for e in range(len(EDGES))] for arch in archs])
@@ -836,12 +816,11 @@ def describe_gate(health):
     """gate_health in words ('' without a GATE at work)."""
     if health["spread"] is None:
         return ""
-    verdict = "routes by arch"
-    if health["spread"] < 0.05:
-        verdict = "BLIND: its routing barely depends on the arch"
-    elif health["off_dominant"] < 0.01:
-        verdict = "COLLAPSED: one block is likeliest for every edge"
-    return f"GATE {verdict} (spread {health['spread']:.2g})"
+    verdicts = [word for word, bad in (("BLIND: its routing barely depends on the arch",
+                                        health["spread"] < 0.05),
+                                       ("COLLAPSED: one block is likeliest for every edge",
+                                        health["off_dominant"] < 0.01)) if bad]
+    return f"GATE {'; '.join(verdicts) or 'routes by arch'} (spread {health['spread']:.2g})"
 
 
 def descending_ranks(values):
@@ -850,8 +829,8 @@ def descending_ranks(values):
 
 
 def ranking_metrics(predicted, truth, ratios=(0.01, 0.05, 0.1, 0.5)):
-    """One-shot scores against true accuracies. k = int(N * ratio); P@topK: share of the predicted
-    top-k in the true top-k (P@bottomK likewise); BR/WR@K: 1 + best/worst true rank among them."""
+    """k = int(N * ratio); P@topK: share of the predicted top-k in the true top-k (P@bottomK
+    likewise); BR/WR@K: 1 + best/worst true rank among them."""
     predicted, truth = np.asarray(predicted, dtype=float), np.asarray(truth, dtype=float)
     for name, values in (("predicted scores", predicted), ("truth", truth)):
         if np.isnan(values).any():
@@ -878,10 +857,8 @@ NB201_DATASETS = ("cifar10", "cifar100", "ImageNet16-120")  # the supernet train
 
 @dataclass
 class GroundTruth:
-    """NB201 test accuracy of every arch (its class's mean) and its class's rank (1: best), per
-    dataset of the table: accuracy[dataset][arch]. CIFAR-10's ranks the one-shot scores."""
-    accuracy: dict
-    rank: dict
+    accuracy: dict  # [dataset][arch]: NB201 test accuracy, the mean of the arch's class
+    rank: dict  # [dataset][arch]: its class's rank of 6,466 (1: best)
 
 
 def load_ground_truth(path):
@@ -891,24 +868,21 @@ def load_ground_truth(path):
         raise UsageError("--nb201 needs nb201_api_slim.py next to close.py") from None
     try:
         table = nb201_api_slim.load(path)
-        datasets = [dataset for dataset in NB201_DATASETS if dataset in table.datasets]
-        classes = {dataset: table.group_accuracies(lambda text: canonical(str_to_arch(text)),
-                                                   dataset) for dataset in datasets}
+        classes = {d: table.group_accuracies(lambda text: canonical(str_to_arch(text)), d)
+                   for d in NB201_DATASETS if d in table.datasets}
     except (OSError, ValueError) as error:
         raise UsageError(f"--nb201 {path}: {error}") from None
-    complete = {d: by_class for d, by_class in classes.items() if len(by_class) == 6466}
-    if "cifar10" not in complete:
-        raise UsageError(f"--nb201 {path}: no CIFAR-10 accuracy for every one of the 6,466 "
-                         f"isomorphism classes")
-    if lacking := [d for d in NB201_DATASETS if d not in complete]:
-        print(f"--nb201 {path}: no complete {', '.join(lacking)} column: the found cell is "
-              f"reported on {', '.join(complete)} only")
-    accuracy, rank = {}, {}
-    for dataset, by_class in complete.items():
-        class_rank = dict(zip(by_class, (descending_ranks(list(by_class.values())) + 1).tolist()))
-        accuracy[dataset] = {a: by_class[canonical(a)] for a in ALL_ARCHS}
-        rank[dataset] = {a: class_rank[canonical(a)] for a in ALL_ARCHS}
-    return GroundTruth(accuracy, rank)
+    classes = {d: by_class for d, by_class in classes.items() if len(by_class) == 6466}
+    if "cifar10" not in classes:
+        raise UsageError(f"--nb201 {path}: no CIFAR-10 accuracy for each of the 6,466 classes")
+    if lacking := [d for d in NB201_DATASETS if d not in classes]:
+        print(f"--nb201 {path}: no complete {', '.join(lacking)} column")
+    truth = GroundTruth({}, {})
+    for dataset, by_class in classes.items():
+        ranks = dict(zip(by_class, (descending_ranks(list(by_class.values())) + 1).tolist()))
+        truth.accuracy[dataset] = {a: by_class[canonical(a)] for a in ALL_ARCHS}
+        truth.rank[dataset] = {a: ranks[canonical(a)] for a in ALL_ARCHS}
+    return truth
 
 
 # --------------------------------------
@@ -1394,36 +1368,33 @@ def print_metrics_table(runs):
         print("(found: the search's cell, its NB201 test accuracy and rank among the 6,466)")
 
 
-# Options a vanilla and a CLOSE run may differ in and still pair (vanilla has no blocks, no GATE).
+# A vanilla and a CLOSE run pair when only these options differ (vanilla has no blocks or GATE).
 UNPAIRED_OPTIONS = ("seed", "baseline", "blocks", "eval_gate", "out", "device", "threads",
                     "images_per_pass")
 PAIRED_METRICS = ("kendall_tau", "spearman", "P@top5%")
 
 
 def print_paired_differences(runs):
-    """CLOSE minus vanilla, seed by seed, for runs alike in their other options and with --nb201:
-    each pair's difference, their mean and sd, and a paired t-test."""
-    sides = {}
+    """CLOSE minus vanilla, seed by seed, for runs with --nb201 that pair: each difference, their
+    mean and sd, and a paired t-test."""
+    groups, unpaired = {}, []
     for run in runs:
         options = {k: v for k, v in run["config"].items() if k not in UNPAIRED_OPTIONS}
-        key = (json.dumps(options, sort_keys=True), run["config"].get("seed"))
-        sides.setdefault(key, {}).setdefault(run["config"].get("baseline"), []).append(run)
-    groups, unpaired = {}, []
-    for (options, seed), side in sides.items():
-        pair = side.get(True, []) + side.get(False, [])
-        if len(side.get(True, [])) == len(side.get(False, [])) == 1 and all(
-                run["ranking"] for run in pair):
-            groups.setdefault(options, []).append((seed, *pair))
-        else:
-            unpaired += [run["run"] for run in pair]
-
-    def values(run):
-        found = found_cell(run, "cifar10").get("accuracy", np.nan)
-        return [run["ranking"][name] for name in PAIRED_METRICS] + [found]
-
-    for pairs in groups.values():
-        vanilla, closenet = (np.array([values(pair[k]) for pair in pairs]) for k in (1, 2))
-        lines = [(f"seed {seed}", row) for (seed, *_), row in zip(pairs, closenet - vanilla)]
+        seeds = groups.setdefault(json.dumps(options, sort_keys=True), {})
+        seeds.setdefault(run["config"]["seed"], []).append(run)
+    for seeds in groups.values():
+        pairs = {seed: sorted(pair, key=lambda run: not run["config"]["baseline"])
+                 for seed, pair in seeds.items()}  # vanilla first
+        for seed, pair in list(pairs.items()):
+            kinds = [run["config"]["baseline"] for run in pair]
+            if kinds != [True, False] or not all(run["ranking"] for run in pair):
+                unpaired += [run["run"] for run in pairs.pop(seed)]
+        if not pairs:
+            continue
+        vanilla, closenet = (np.array([[run["ranking"][name] for name in PAIRED_METRICS] +
+                                       [found_cell(run, "cifar10").get("accuracy", np.nan)]
+                                       for run in side]) for side in zip(*pairs.values()))
+        lines = [(f"seed {seed}", row) for seed, row in zip(pairs, closenet - vanilla)]
         lines.append(("mean", (closenet - vanilla).mean(0)))
         if len(pairs) > 1:
             lines += [("sd", (closenet - vanilla).std(0, ddof=1)),
@@ -1435,7 +1406,7 @@ def print_paired_differences(runs):
                                         if name == "p" else f"{v:>+16.3f}" for v in row))
         if len(pairs) < 3:
             print("(fewer than 3 pairs: the mean, sd and p say nothing yet)")
-    if unpaired and len({run["config"].get("baseline") for run in runs}) == 2:
+    if unpaired and len({run["config"]["baseline"] for run in runs}) == 2:
         print(f"not paired (no run of the other kind with the same seed and options, or no "
               f"--nb201): {', '.join(unpaired)}")
 
