@@ -637,9 +637,8 @@ def curriculum_level(epoch, epochs, num_blocks):
 
 @torch.no_grad()
 def add_glow_block(model):
-    """The next GLOW block, by WIT in place (the optimizer keeps its tensors): its parent's weights
-    are added to its fresh init, and its GATE logit row likewise (official). An exact copy would
-    silence the GATE: twins give it no gradient at all."""
+    """The next GLOW block by WIT, in place: its parent's weights are added to its fresh init, and
+    its GATE logit row likewise (official). An exact copy would give the GATE no gradient."""
     if model.level == model.num_blocks:
         raise ValueError(f"add_glow_block: all {model.num_blocks} blocks are at work already")
     new = model.level
@@ -655,9 +654,9 @@ def add_glow_block(model):
 # --------------------------------------
 # 5. Training (the official recipe, scaled to --epochs)
 def make_optimizer(model, cfg):
-    """The official recipe: SGD over everything, the GATE included, and the plateau schedule.
-    Officially gradients are zeroed, never dropped, so SGD decays every active weight at every
-    step, used or not; a step pre-hook does so in any loop (a custom optimizer needs it too)."""
+    """SGD over everything, the GATE included, and the plateau schedule. Officially gradients are
+    zeroed, never dropped, so SGD decays every active weight at every step, used or not; a step
+    pre-hook does so in any loop."""
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     optimizer.register_step_pre_hook(zero_missing_grads)
@@ -668,8 +667,7 @@ def make_optimizer(model, cfg):
 
 
 def zero_missing_grads(optimizer, *_):
-    """A zero gradient for each trainable parameter without one (ops the arch skips, the GATE at
-    level 1); frozen blocks beyond `level` wait for WIT."""
+    """A zero gradient for each trainable parameter without one (frozen blocks wait for WIT)."""
     for group in optimizer.param_groups:
         for p in group["params"]:
             if p.grad is None and p.requires_grad:
@@ -694,8 +692,7 @@ def train_step(model, optimizer, images, labels, arch, grad_clip):
 
 
 def train_epoch(model, optimizer, data, cfg):
-    """One pass, one uniformly drawn unique arch per step (de-isomorphic sampling); nothing is read
-    back to the host inside the pass."""
+    """One pass, one uniformly drawn unique arch per step (de-isomorphic sampling), no host sync."""
     model.train()
     archs, device, count = unique_archs(), data.train_labels.device, len(data.train_labels)
     order, steps = torch.randperm(count, device=device), math.ceil(count / cfg.batch_size)
@@ -713,8 +710,8 @@ def train_epoch(model, optimizer, data, cfg):
 
 
 def train(model, data, cfg, state, epoch_done=lambda finished: None):
-    """CLOSE's schedule: each epoch, grow the pool to the curriculum level (WIT), restart the
-    optimizer at 40%, make one pass, step the plateau scheduler on the mean loss."""
+    """Each epoch: grow the pool to the curriculum level (WIT), restart the optimizer at 40%,
+    make one pass, step the plateau scheduler on the mean loss."""
     for epoch in range(state.epoch, cfg.epochs):
         while model.level < curriculum_level(epoch, cfg.epochs, model.num_blocks):
             add_glow_block(model)
@@ -731,14 +728,14 @@ def train(model, data, cfg, state, epoch_done=lambda finished: None):
 # --------------------------------------
 # 6. Evaluation: one-shot scores, the GATE's health, ranking metrics
 def heldout_set(data, cfg):
-    """The held-out images that score archs (--eval-batches of them), normalised once."""
+    """The held-out images that score archs, normalised once."""
     count = cfg.eval_batches * cfg.batch_size or len(data.heldout_labels)
     images = normalize(data.heldout_images[:count]).contiguous(memory_format=MEMORY_FORMAT)
     return images, data.heldout_labels[:count]
 
 
 def archs_to_score(cfg):
-    """The unique archs, or a subset seeded by --eval-seed (the same in every run)."""
+    """The unique archs, or a subset seeded by --eval-seed."""
     if 0 < cfg.eval_archs < len(unique_archs()):
         return tuple(random.Random(cfg.eval_seed).sample(unique_archs(), cfg.eval_archs))
     return unique_archs()
@@ -779,19 +776,9 @@ def score_arch(model, arch, images, labels, batch_size, eval_gate="sample", seed
     return torch.cat(accuracies).mean().item(), torch.cat(losses).mean().item()
 
 
-def edges_per_block(model, archs, cfg):
-    """How many routed edges of `archs` each block scores."""
-    blocks = []
-    with evaluating(model):
-        for arch in archs:
-            assignment = model.sharing_assignment(arch, cfg.eval_gate, cfg.eval_seed)
-            blocks += [assignment.blocks[e] for e in routed_edges(arch)]
-    return np.bincount(blocks, minlength=model.num_blocks).tolist()
-
-
 @functools.cache
 def probe_archs():
-    """gate_health's probe set: 500 unique archs, the same in every run."""
+    """gate_health's 500 unique archs, the same in every run."""
     return tuple(random.Random(0).sample(unique_archs(), 500))
 
 
@@ -810,17 +797,6 @@ def gate_health(model, archs):
     return {"spread": (logits - logits.mean(-1, keepdim=True)).std(0).mean().item(),
             "off_dominant": 1 - torch.bincount(logits.argmax(-1)).max().item() / len(logits),
             "entropy": entropy.mean().item()}
-
-
-def describe_gate(health):
-    """gate_health in words ('' without a GATE at work)."""
-    if health["spread"] is None:
-        return ""
-    verdicts = [word for word, bad in (("BLIND: its routing barely depends on the arch",
-                                        health["spread"] < 0.05),
-                                       ("COLLAPSED: one block is likeliest for every edge",
-                                        health["off_dominant"] < 0.01)) if bad]
-    return f"GATE {'; '.join(verdicts) or 'routes by arch'} (spread {health['spread']:.2g})"
 
 
 def descending_ranks(values):
@@ -900,8 +876,7 @@ def mutate(arch, rng):
 
 def regularized_evolution(fitness, budget, population_size=50, tournament_size=10, seed=0):
     """Age-regularized evolution (Real et al., 2019): the tournament winner's mutant joins, the
-    oldest member leaves; `budget` counts calls of `fitness`. Its own random stream, not
-    --eval-archs' one. Returns the best arch, its fitness and the (arch, fitness) history."""
+    oldest member leaves; `budget` counts calls of `fitness`. -> best, its fitness, history."""
     rng = random.Random(f"regularized-evolution-{seed}")
     history, population = [], []
 
@@ -919,8 +894,7 @@ def regularized_evolution(fitness, budget, population_size=50, tournament_size=1
 
 
 def random_search(fitness, budget, seed=0):
-    """Every NAS paper's first baseline: `budget` distinct unique archs drawn at random (at most
-    all 6,466), the best kept. Returns as regularized_evolution does."""
+    """NAS's first baseline: the best of `budget` distinct unique archs drawn at random."""
     rng = random.Random(f"random-search-{seed}")
     drawn = rng.sample(unique_archs(), min(budget, len(unique_archs())))
     history = [(arch, fitness(arch)) for arch in drawn]
@@ -935,11 +909,10 @@ def search_with_supernet(model, images, labels, cfg, scores):
                                       cfg.eval_seed, cfg.images_per_pass)
         return scores[arch][0]
 
-    if cfg.search == "random":
-        best, _, history = random_search(fitness, cfg.search_budget, cfg.seed)
-    else:
-        best, _, history = regularized_evolution(fitness, cfg.search_budget, cfg.population,
-                                                 cfg.tournament, cfg.seed)
+    search = (functools.partial(random_search, seed=cfg.seed) if cfg.search == "random" else
+              functools.partial(regularized_evolution, population_size=cfg.population,
+                                tournament_size=cfg.tournament, seed=cfg.seed))
+    best, _, history = search(fitness, cfg.search_budget)
     return {"strategy": cfg.search, "best": best, "budget": cfg.search_budget,
             "unique_evaluated": len({a for a, _ in history})}
 
@@ -1000,8 +973,8 @@ def duration(seconds):
 
 
 def use_machine(cfg):
-    """--threads (else torch's default; under torchrun each rank's share of the cores) and the
-    device (under torchrun, rank r on cuda:(LOCAL_RANK mod GPUs))."""
+    """--threads (else torch's; under torchrun a share of the cores) and the device (under
+    torchrun, rank r on cuda:(LOCAL_RANK mod GPUs))."""
     if cfg.threads or WORLD > 1:
         share = (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"] if WORLD > 1 else 1)
         torch.set_num_threads(cfg.threads or max(1, share))
@@ -1045,8 +1018,8 @@ def default_out(cfg):
 
 
 def settle_options(cfg, given, resume, load):
-    """A resumed or loaded run takes the run's options but those typed now (`given`), which may not
-    change the supernet. Returns them and, for --load, the checkpoint."""
+    """A resumed or loaded run's options, but those typed now (`given`), which may not change the
+    supernet; and for --load the checkpoint."""
     checkpoint, fixed, path = None, RUN_OPTIONS + ("eval_batches", "eval_gate"), load
     if load:
         checkpoint, fixed = load_checkpoint(load), MODEL_OPTIONS
@@ -1142,8 +1115,8 @@ def load_weights(model, weights, path):
 
 
 def fit(model, data, cfg, out):
-    """train() with a checkpoint, a log.csv row and a line after every epoch; resumes after the
-    last (--resume repeats the epoch a stop cut short)."""
+    """train() with a checkpoint, a log.csv row and a line after every epoch, resumed after the
+    last."""
     state, log = TrainingState(*make_optimizer(model, cfg)), []
     if (out / "checkpoint.pt").exists():
         saved = load_checkpoint(out / "checkpoint.pt", data.train_images.device)
@@ -1204,8 +1177,8 @@ def fit_on_rank0(model, data, cfg, out):
 
 
 def score_archs(model, images, labels, cfg, archs, path):
-    """One-shot scores, appended to `path` in order (a stopped run's are reused). Rank r scores
-    archs r, r + WORLD, ...; a stop ends all ranks after the same arch."""
+    """One-shot scores, appended to `path` (a stopped run's are reused). Rank r scores archs r,
+    r + WORLD, ...; a stop ends all ranks after the same arch."""
     scores = {}
     if RANK == 0:
         lines = path.read_text().splitlines(keepends=True) if path.exists() else []
@@ -1239,8 +1212,7 @@ def score_archs(model, images, labels, cfg, archs, path):
 
 
 def run(cfg, resume=False, load="", given=()):
-    """Setup, train, score, rank, search, report; every input checked on every rank before any
-    work starts (under torchrun, before the ranks meet)."""
+    """Check every input (on every rank, before they meet), then train, score, rank, search."""
     cfg, checkpoint = settle_options(cfg, set(given), resume, load)
     check_config(cfg)
     device, out = use_machine(cfg), claim_out(cfg, resume)
@@ -1312,6 +1284,27 @@ def score_rank_search(model, data, cfg, out, truth, times):
     return results
 
 
+def edges_per_block(model, archs, cfg):
+    """How many routed edges of `archs` each block scores."""
+    blocks = []
+    with evaluating(model):
+        for arch in archs:
+            assignment = model.sharing_assignment(arch, cfg.eval_gate, cfg.eval_seed)
+            blocks += [assignment.blocks[e] for e in routed_edges(arch)]
+    return np.bincount(blocks, minlength=model.num_blocks).tolist()
+
+
+def describe_gate(health):
+    """gate_health in words ('' without a GATE at work)."""
+    if health["spread"] is None:
+        return ""
+    verdicts = [word for word, bad in (("BLIND: its routing barely depends on the arch",
+                                        health["spread"] < 0.05),
+                                       ("COLLAPSED: one block is likeliest for every edge",
+                                        health["off_dominant"] < 0.01)) if bad]
+    return f"GATE {'; '.join(verdicts) or 'routes by arch'} (spread {health['spread']:.2g})"
+
+
 def print_summary(out, results):
     print(f"\n== {results['run']} ({out}) ==")
     gate = results["gate"]
@@ -1328,7 +1321,7 @@ def print_summary(out, results):
 
 
 def finished_run(folder):
-    """A finished run's metrics.json, with its options (config.json) and its folder's name."""
+    """A finished run's metrics, options and folder name."""
     try:
         run = json.loads((Path(folder) / "metrics.json").read_text())
         config = json.loads((Path(folder) / "config.json").read_text())
@@ -1339,7 +1332,7 @@ def finished_run(folder):
 
 
 def found_cell(run, dataset):
-    """The NB201 accuracy and rank on `dataset` of the cell a run's search found ({}: none)."""
+    """The NB201 accuracy and rank on `dataset` of the cell a run found ({}: none)."""
     return ((run["search"] or {}).get("best") or {}).get("nb201", {}).get(dataset, {})
 
 
@@ -1375,8 +1368,8 @@ PAIRED_METRICS = ("kendall_tau", "spearman", "P@top5%")
 
 
 def print_paired_differences(runs):
-    """CLOSE minus vanilla, seed by seed, for runs with --nb201 that pair: each difference, their
-    mean and sd, and a paired t-test."""
+    """CLOSE minus vanilla, seed by seed, for runs with --nb201 that pair: the differences, their
+    mean, sd and a paired t-test."""
     groups, unpaired = {}, []
     for run in runs:
         options = {k: v for k, v in run["config"].items() if k not in UNPAIRED_OPTIONS}
@@ -1434,8 +1427,8 @@ def plot_run(out):
 
 def benchmark(cfg, steps, rounds=5):
     """ms per training step, vanilla vs CLOSENet at each level (the same 8 archs and batch), and s
-    per arch to score 40 batches (CIFAR-10's held-out split at batch 256), vanilla and the last
-    level, by torch.utils.benchmark: the median of 5 rounds, the configurations in turn in each."""
+    per arch scoring 40 batches (vanilla, last level): medians of 5 rounds by torch.utils.benchmark,
+    the configurations in turn in each."""
     from torch.utils.benchmark import Measurement, Timer
     device = use_machine(cfg)
     torch.manual_seed(cfg.seed)

@@ -826,8 +826,16 @@ def test_gate_health_on_a_hand_built_gate(monkeypatch):
         close.gate_health(close.CLOSENet(channels=4, cells=1, num_blocks=3), archs)["spread"]
         is None
     )
-    assert "COLLAPSED" in close.describe_gate({"spread": 0.5, "off_dominant": 0.0, "entropy": 0.9})
-    assert "BLIND" in close.describe_gate({"spread": 1e-4, "off_dominant": 0.0, "entropy": 1.0})
+    words = [
+        close.describe_gate({"spread": spread, "off_dominant": off, "entropy": 0.9})
+        for spread, off in ((0.5, 0.0), (1e-4, 0.3), (1e-4, 0.0), (0.5, 0.3))
+    ]
+    assert [("BLIND" in w, "COLLAPSED" in w, "routes by arch" in w) for w in words] == [
+        (False, True, False),
+        (True, False, False),
+        (True, True, False),  # both at once: both said
+        (False, False, True),
+    ]
 
 
 def test_correlations_equal_scipy():
