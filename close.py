@@ -1295,14 +1295,13 @@ def edges_per_block(model, archs, cfg):
 
 
 def describe_gate(health):
-    """gate_health in words ('' without a GATE at work)."""
+    """gate_health in words ('' without a GATE at work): BLIND, its routing barely depends on the
+    arch; COLLAPSED, one block is the likeliest for every edge."""
     if health["spread"] is None:
         return ""
-    verdicts = [word for word, bad in (("BLIND: its routing barely depends on the arch",
-                                        health["spread"] < 0.05),
-                                       ("COLLAPSED: one block is likeliest for every edge",
-                                        health["off_dominant"] < 0.01)) if bad]
-    return f"GATE {'; '.join(verdicts) or 'routes by arch'} (spread {health['spread']:.2g})"
+    verdict = [word for word, bad in (("BLIND", health["spread"] < 0.05),
+                                      ("COLLAPSED", health["off_dominant"] < 0.01)) if bad]
+    return f"GATE {' and '.join(verdict) or 'routes by arch'} (spread {health['spread']:.2g})"
 
 
 def print_summary(out, results):
