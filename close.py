@@ -4,7 +4,8 @@ Sections 1-7 are the method in the paper's order; 8-9 are the program around it.
 
     python close.py --epochs 250 --device cuda  # train, score all 6,466 archs, search
     python close.py --baseline --epochs 250 --device cuda  # the vanilla one-shot supernet
-    python close.py --data synthetic --epochs 5 --cells 1 --eval-archs 50  # offline, ~1 min
+    python close.py --data synthetic --epochs 5 --cells 1 --channels 8 --eval-archs 50 \
+        --track-archs 50 --search-budget 60 --population 20 --tournament 5  # offline, ~50 s
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -36,6 +38,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
+import torchvision.transforms.v2.functional as TF
 
 
 def option(default, description, choices=None):
@@ -70,9 +74,13 @@ class Config:
                             "or the GATE's argmax", ("sample", "argmax"))
     eval_archs: int = option(0, "score a seeded subset of N unique archs (0: all 6,466)")
     eval_batches: int = option(0, "score on the first N held-out batches (0: all)")
-    eval_seed: int = option(0, "seed of the --eval-archs subset and of the scoring draws")
+    eval_seed: int = option(0, "seed of the arch subsets and of scoring's draws")
     images_per_pass: int = option(0, "held-out images per scoring pass, whole batches, each "
                                   "normalised alone (0: 40 batches on a GPU, 1 on a CPU)")
+    track_every: int = option(-1, "score the tracked archs every N epochs and after the last "
+                              "(-1: epochs // 10, at least 1; 0: never)")
+    track_archs: int = option(200, "unique archs tracked during training (by --eval-seed)")
+    track_batches: int = option(10, "held-out batches that score them (at most all there are)")
     search: str = option("evolution", "search strategy", ("evolution", "random"))
     search_budget: int = option(1000, "fitness evaluations of the search (0: no search)")
     population: int = option(50, "population of the evolutionary search")
@@ -83,15 +91,38 @@ class Config:
 
 # The rest of the official recipe, fixed: each constant named once, with its official value.
 HELDOUT_FRACTION = 0.2  # of CIFAR-10's training images: 40,000 train the supernet, 10,000 score
-GATE_WIDTHS = {"embedding": 48, "hidden": 96, "graph_layers": (128,) * 5, "mlp": 200}
+CROP_PADDING = 4  # training augmentation: random 32x32 crop of the image padded by 4, and a flip
+HEAD_DROPOUT = 0.1  # before the classifier
+GATE_WIDTHS = {"embedding": 48, "hidden": 96, "graph_layers": (128,) * 5, "mlp": (200,) * 3}
 GATE_DROPOUT = 0.1  # after each hidden layer of the GATE's MLP
 GUMBEL_TEMPERATURE = 5.0  # the forward draw is argmax(logits + Gumbel) whatever it is
 PLATEAU_PATIENCE = 30 / 1000  # of the epochs: lr halves after 30 of 1,000 without a lower loss
+PLATEAU_FACTOR, PLATEAU_THRESHOLD = 0.5, 1e-4  # the halving, and "lower" by this share at least
 RESTART_FRACTION = 0.4  # of the epochs: the learning-rate restart, officially at epoch 401
 
 
 class UsageError(Exception):
     """Bad input: reported as one line, never as a traceback."""
+
+
+class RunError(Exception):
+    """A run that cannot go on (a non-finite loss, out of GPU memory): reported as one line; the
+    checkpoint and the scores so far are kept, so that --resume continues."""
+
+
+def with_progress(items, label):
+    """Yield from `items`, printing how far it is and the time left once a minute."""
+    started = shown = time.monotonic()
+    for done, item in enumerate(items, 1):
+        yield item
+        if (now := time.monotonic()) - shown > 60 and done < len(items):
+            rate, shown = done / (now - started), now
+            print(f"{label}: {done:,}/{len(items):,}  {rate:,.2f}/s  "
+                  f"{duration((len(items) - done) / rate)} left", flush=True)
+
+
+def duration(seconds):
+    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
 
 
 # --------------------------------------
@@ -134,6 +165,8 @@ def as_arch(arch):
     """An arch's 6 op indices, from any sequence of them or its string; else a ValueError."""
     if isinstance(arch, str):
         return str_to_arch(arch)
+    if isinstance(arch, (torch.Tensor, np.ndarray)):
+        arch = arch.tolist()  # Python numbers: bools and floats are refused below
     try:
         ops = tuple(-1 if isinstance(op, bool) else operator.index(op) for op in arch)
     except TypeError:
@@ -168,22 +201,21 @@ def isomorphism_key(arch):
 
 
 @functools.cache
-def _class_representatives():
-    """isomorphism key -> the first arch of its class in NB201's order."""
-    representatives = {}
-    for arch in ALL_ARCHS:
-        representatives.setdefault(isomorphism_key(arch), arch)
-    return representatives
+def _representatives():
+    """Each arch -> the first arch of its isomorphism class in NB201's order."""
+    first = {}
+    return {arch: first.setdefault(isomorphism_key(arch), arch) for arch in ALL_ARCHS}
 
 
 def canonical(arch):
     """The representative of arch's isomorphism class."""
-    return _class_representatives()[isomorphism_key(arch)]
+    return _representatives()[as_arch(arch)]
 
 
+@functools.cache
 def unique_archs():
     """The 6,466 isomorphism classes of NB201, one representative each."""
-    return tuple(_class_representatives().values())
+    return tuple(dict.fromkeys(_representatives().values()))
 
 
 def live_edges(arch):
@@ -245,7 +277,6 @@ def split(images, labels, order, num_classes):
 
 def cifar10_dataset(root):
     """torchvision's CIFAR-10 train set, split by position as officially (it is shuffled)."""
-    import torchvision
     root = Path(root)
     first_new = next((p for p in [*reversed(root.parents), root] if not p.exists()), None)
     there = set(root.iterdir()) if root.is_dir() else set()
@@ -253,7 +284,7 @@ def cifar10_dataset(root):
         train_set = torchvision.datasets.CIFAR10(root, train=True, download=True)
     except (OSError, RuntimeError) as error:  # offline: URLError; a broken archive: RuntimeError
         for path in [first_new] if first_new else set(root.iterdir()) - there:  # what it created
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         raise UsageError(f"CIFAR-10 could not be downloaded into {root} "
                          f"({str(error).splitlines()[0]}): use --data FOLDER, --data synthetic, "
                          f"or --data-root DIR") from None
@@ -264,12 +295,10 @@ def cifar10_dataset(root):
 
 def image_folder_dataset(path, seed=0):
     """PATH/train/<class>/*, split by a seeded shuffle (ImageFolder lists class by class)."""
-    import torchvision
-    from torchvision.transforms.v2.functional import pil_to_tensor, resize
     root = Path(path) / "train"
     try:
         folder = torchvision.datasets.ImageFolder(
-            root, transform=lambda image: pil_to_tensor(resize(image, [32, 32])))
+            root, transform=lambda image: TF.pil_to_tensor(TF.resize(image, [32, 32])))
         if len(folder.classes) < 2:
             raise RuntimeError(f"{len(folder.classes)} class folder(s); need at least 2")
         images = torch.stack([image for image, _ in with_progress(folder, f"decoding {root}")])
@@ -300,16 +329,15 @@ def load_dataset(cfg):
 
 def normalize(images):
     """uint8 -> float, CIFAR-10 mean/std normalisation."""
-    from torchvision.transforms.v2.functional import normalize as tv_normalize
-    return tv_normalize(images.float().div_(255), CIFAR10_MEAN, CIFAR10_STD)
+    return TF.normalize(images.float().div_(255), CIFAR10_MEAN, CIFAR10_STD)
 
 
 def augment(images):
-    """Random crop 32 with zero padding 4 and horizontal flip, drawn per image (torchvision draws
-    per batch): one gather from shifted sources."""
+    """Random crop 32 of the zero-padded image and horizontal flip, drawn per image (torchvision
+    draws per batch): one gather from shifted sources."""
     batch, device = images.shape[0], images.device
-    padded = F.pad(images, (4, 4, 4, 4))
-    offset_y, offset_x = torch.randint(0, 9, (2, batch, 1), device=device)
+    padded = F.pad(images, (CROP_PADDING,) * 4)
+    offset_y, offset_x = torch.randint(0, 2 * CROP_PADDING + 1, (2, batch, 1), device=device)
     flip = torch.rand(batch, 1, device=device) < 0.5
     pixels = torch.arange(32, device=device)
     rows = offset_y + pixels  # [B, 32]
@@ -337,36 +365,30 @@ def augment(images):
 MEMORY_FORMAT = torch.channels_last  # faster for these small convolutions on CPU and GPU
 
 
+def precision(device):
+    """bf16 where the GPU has it natively (compute capability 8 or more: A100, RTX 30 and newer);
+    fp32 elsewhere: older GPUs (T4, V100, RTX 20) only emulate bf16, and a CPU gains nothing."""
+    native = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+    return torch.bfloat16 if native else torch.float32
+
+
 def autocast(device):
-    """bf16 autocast on CUDA, where it pays (the GATE opts out, see gate_logits); fp32 on CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    """Autocast to bf16 where precision(device) says so (the GATE opts out: see gate_logits)."""
+    bf16 = precision(device) == torch.bfloat16
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 # Archs are scored with batch statistics (the one-shot protocol), so BN keeps no running ones.
-# Scoring sends many batches through one pass (launches are what a GPU waits on) and normalises
-# each on its own, as a pass per batch would.
-_statistics_group = None  # images per group of batch statistics; None: the whole input
-
-
-@contextlib.contextmanager
-def batch_statistics_per(images):
-    global _statistics_group
-    previous, _statistics_group = _statistics_group, images
-    try:
-        yield
-    finally:
-        _statistics_group = previous
-
-
-def batch_norm(x, weight=None, bias=None, eps=1e-5):
-    """F.batch_norm on batch statistics, per group of images inside batch_statistics_per."""
-    group = _statistics_group or len(x)
-    if group == len(x):
+# Scoring sends many batches through one pass (launches are what a GPU waits on), each
+# normalised alone as a pass per batch would: every forward takes `batch_size` for that.
+def batch_norm(x, weight=None, bias=None, eps=1e-5, batch_size=None):
+    """F.batch_norm on batch statistics: of the whole input, or of each `batch_size` images."""
+    if batch_size is None or batch_size == len(x):
         return F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)
-    groups = x.unflatten(0, (-1, group))  # [G, group, C, H, W]
+    groups = x.unflatten(0, (-1, batch_size))  # (G, batch_size, C, H, W)
     var, mean = (s.double() for s in torch.var_mean(groups, (1, 3, 4), keepdim=True, correction=0))
     scale = torch.rsqrt(var + eps) * (1 if weight is None else weight[:, None, None])  # tiny
-    shift = (0 if bias is None else bias[:, None, None]) - mean * scale
+    shift = (0 if bias is None else bias[:, None, None]) - mean * scale  # (G, 1, C, 1, 1)
     return torch.addcmul(shift.to(x.dtype), groups, scale.to(x.dtype)).flatten(0, 1)
 
 
@@ -374,13 +396,23 @@ class BatchNorm(nn.BatchNorm2d):
     def __init__(self, channels):
         super().__init__(channels, track_running_stats=False)
 
-    def forward(self, x):
-        return batch_norm(x, self.weight, self.bias, self.eps)
+    def forward(self, x, batch_size=None):
+        return batch_norm(x, self.weight, self.bias, self.eps, batch_size)
 
 
-def relu_conv_bn(x, weight):
+class Sequential(nn.Sequential):
+    """nn.Sequential that hands `batch_size` to its batch norms."""
+
+    def forward(self, x, batch_size=None):
+        for module in self:
+            x = module(x, batch_size) if isinstance(module, BatchNorm) else module(x)
+        return x
+
+
+def relu_conv_bn(x, weight, batch_size=None):
     """NB201's nor_conv_kxk: ReLU -> conv (no bias) -> BN without affine."""
-    return batch_norm(F.conv2d(F.relu(x), weight, padding=weight.shape[-1] // 2))
+    x = F.conv2d(F.relu(x), weight, padding=weight.shape[-1] // 2)
+    return batch_norm(x, batch_size=batch_size)
 
 
 class GlowBlock(nn.Module):
@@ -401,35 +433,39 @@ class GlowBlock(nn.Module):
 
 @dataclass
 class SharingAssignment:
-    """The GLOW block of each edge (the same in every cell); in training, the GATE's draw with its
-    straight-through weights `gate` [6, level], on the device."""
-    blocks: list[int] | torch.Tensor
+    """The GLOW block of each edge, the same in every cell: fixed `blocks`, 6 ints (scoring,
+    vanilla, level 1), or a training draw of the GATE, `gate` (6, level) one-hot forward with
+    soft gradients (straight-through) and its argmax `chosen` (6,), both left on the device."""
+    blocks: list[int] | None = None
     gate: torch.Tensor | None = None
+    chosen: torch.Tensor | None = None
 
 
 # False: glow_op computes the paper's sum as written (slower, the same loss and gradients).
 FUSED_UNCHOSEN_BLOCKS = True
 
 
-def glow_op(x, op, edge, glow_blocks, assignment):
+def glow_op(x, op, edge, glow_blocks, assignment, batch_size=None):
     """The paper's edge output: sum_i gate_i * block_i(x) over the active blocks, the gate one-hot
-    forward (straight-through). Without a gate (scoring, vanilla, level 1): the named block."""
+    forward (straight-through). A fixed assignment: the named block."""
     if assignment.gate is None:
-        return relu_conv_bn(x, glow_blocks[assignment.blocks[edge]].weight(op))
-    gate = assignment.gate[edge]  # [level]
+        return relu_conv_bn(x, glow_blocks[assignment.blocks[edge]].weight(op), batch_size)
+    gate = assignment.gate[edge]  # (level,)
     if not FUSED_UNCHOSEN_BLOCKS:  # every active block with autograd, as the official code
-        return sum(g * relu_conv_bn(x, block.weight(op)) for g, block in zip(gate, glow_blocks))
+        return sum(g * relu_conv_bn(x, block.weight(op), batch_size)
+                   for g, block in zip(gate, glow_blocks))
     # The same sum made cheap: the others' weight is 0, so only the chosen block needs autograd;
     # the others' values give the gate's gradient <dL/d out, block_i(x)>: one forward-only conv.
     level = gate.shape[0]
-    weights = torch.stack([block.weight(op) for block in glow_blocks[:level]])
-    chosen = assignment.blocks[edge].view(1)  # on the device: no host sync
-    out = gate.index_select(0, chosen) * relu_conv_bn(x, weights.index_select(0, chosen)[0])
+    weights = torch.stack([block.weight(op) for block in glow_blocks[:level]])  # (level, C, C, k,k)
+    chosen = assignment.chosen[edge].view(1)
+    out = gate.index_select(0, chosen) * relu_conv_bn(x, weights.index_select(0, chosen)[0],
+                                                      batch_size)
     if level > 1:
-        others = (chosen + torch.arange(1, level, device=chosen.device)) % level
-        with torch.no_grad():  # one conv with (level-1)*C output channels
-            values = relu_conv_bn(x, weights.index_select(0, others).flatten(0, 1))
-        values = values.unflatten(1, (level - 1, -1))
+        others = (chosen + torch.arange(1, level, device=chosen.device)) % level  # (level - 1,)
+        with torch.no_grad():  # one conv with (level - 1) * C output channels
+            values = relu_conv_bn(x, weights.index_select(0, others).flatten(0, 1), batch_size)
+        values = values.unflatten(1, (level - 1, -1))  # (B, level - 1, C, H, W)
         out = UnchosenBlocks.apply(out, gate.index_select(0, others), values)
     return out
 
@@ -447,10 +483,10 @@ class UnchosenBlocks(torch.autograd.Function):
     def backward(ctx, grad_out):
         values, = ctx.saved_tensors
         batch, blocks, channels = values.shape[:3]
-        # one matmul over pixels; [B,K,C,H,W] -> [B*H*W, K, C] is a view in channels_last
+        # one matmul over pixels; (B, K, C, H, W) -> (B*H*W, K, C) is a view in channels_last
         values = values.permute(0, 3, 4, 1, 2).reshape(-1, blocks, channels).to(ctx.gate_dtype)
         grad = grad_out.permute(0, 2, 3, 1).reshape(-1, channels, 1).to(ctx.gate_dtype)
-        return grad_out, torch.bmm(values, grad).sum((0, 2)), None
+        return grad_out, torch.bmm(values, grad).sum((0, 2)), None  # d loss / d gate_k: (K,)
 
 
 class Cell(nn.Module):
@@ -460,7 +496,7 @@ class Cell(nn.Module):
         super().__init__()
         self.glow_blocks = nn.ModuleList(GlowBlock(channels) for _ in range(num_blocks))
 
-    def forward(self, x, arch, assignment):
+    def forward(self, x, arch, assignment, batch_size=None):
         arch = as_arch(arch)
         live = live_edges(arch)
         nodes = [x]
@@ -470,7 +506,8 @@ class Cell(nn.Module):
                 if dst != node or not live[e]:
                     continue
                 if op in (CONV1X1, CONV3X3):
-                    terms.append(glow_op(nodes[src], op, e, self.glow_blocks, assignment))
+                    terms.append(glow_op(nodes[src], op, e, self.glow_blocks, assignment,
+                                         batch_size))
                 elif op == SKIP:
                     terms.append(nodes[src])
                 else:
@@ -484,14 +521,14 @@ class ResidualReduction(nn.Module):
 
     def __init__(self, c_in, c_out):
         super().__init__()
-        self.a = nn.Sequential(nn.ReLU(), nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False),
-                               BatchNorm(c_out))
-        self.b = nn.Sequential(nn.ReLU(), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False),
-                               BatchNorm(c_out))
+        self.a = Sequential(nn.ReLU(), nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False),
+                            BatchNorm(c_out))
+        self.b = Sequential(nn.ReLU(), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False),
+                            BatchNorm(c_out))
         self.shortcut = nn.Sequential(nn.AvgPool2d(2, 2), nn.Conv2d(c_in, c_out, 1, bias=False))
 
-    def forward(self, x):
-        return self.shortcut(x) + self.b(self.a(x))
+    def forward(self, x, batch_size=None):
+        return self.shortcut(x) + self.b(self.a(x, batch_size), batch_size)
 
 
 class Gate(nn.Module):
@@ -501,7 +538,7 @@ class Gate(nn.Module):
 
     def __init__(self, num_blocks, sizes=GATE_WIDTHS, dropout=GATE_DROPOUT):
         super().__init__()
-        embedding, hidden, mlp = sizes["embedding"], sizes["hidden"], sizes["mlp"]
+        embedding, hidden = sizes["embedding"], sizes["hidden"]
         self.op_embedding = nn.Embedding(len(OPS), embedding)
         self.input_node_embedding = nn.Parameter(torch.randn(embedding))
         self.lift = nn.Linear(embedding, hidden)
@@ -509,37 +546,38 @@ class Gate(nn.Module):
         self.messages = nn.ModuleList(nn.Linear(a, b, bias=False)
                                       for a, b in zip(widths, widths[1:]))
         self.attention = nn.ModuleList(nn.Linear(embedding, b) for b in widths[1:])
-        self.mlp = nn.Sequential(
-            nn.Linear(2 * widths[-1], mlp), nn.ReLU(), nn.Dropout(dropout),
-            nn.Linear(mlp, mlp), nn.ReLU(), nn.Dropout(dropout),
-            nn.Linear(mlp, mlp), nn.ReLU(), nn.Dropout(dropout),
-            nn.Linear(mlp, num_blocks))  # row i scores block i; only the first `level` are used
+        mlp, layers = (2 * widths[-1],) + tuple(sizes["mlp"]), []
+        for a, b in zip(mlp, mlp[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU(), nn.Dropout(dropout)]
+        # the last layer's row i scores block i; only the first `level` rows are used
+        self.mlp = nn.Sequential(*layers, nn.Linear(mlp[-1], num_blocks))
         self.register_buffer("edge_src", torch.tensor([s for s, _ in EDGES]), persistent=False)
         self.register_buffer("edge_dst", torch.tensor([d for _, d in EDGES]), persistent=False)
 
     def forward(self, archs):
-        """archs: long tensor [..., 6] -> logits [..., 6, num_blocks]."""
-        op_matrix = archs.new_zeros(*archs.shape[:-1], 4, 4)
+        """archs: long (..., 6) -> logits (..., 6, num_blocks)."""
+        op_matrix = archs.new_zeros(*archs.shape[:-1], 4, 4)  # (..., to, from)
         op_matrix[..., self.edge_dst, self.edge_src] = archs
-        op_features = self.op_embedding(op_matrix)  # [..., to, from, embedding]
-        is_edge = (op_matrix != NONE).unsqueeze(-1)
-        nodes = F.pad(self.input_node_embedding[None], (0, 0, 0, 3))
-        h = self.lift(nodes).expand(*archs.shape[:-1], 4, -1)
+        op_features = self.op_embedding(op_matrix)  # (..., to, from, embedding)
+        is_edge = (op_matrix != NONE).unsqueeze(-1)  # (..., to, from, 1)
+        nodes = F.pad(self.input_node_embedding[None], (0, 0, 0, 3))  # (4, embedding)
+        h = self.lift(nodes).expand(*archs.shape[:-1], 4, -1)  # (..., node, hidden)
         for layer, (message, attention) in enumerate(zip(self.messages, self.attention)):
-            support = message(h)  # [..., node, width]
-            att = torch.sigmoid(attention(op_features)) * is_edge  # [..., to, from, width]
-            h_next = torch.einsum("...ijw,...jw->...iw", att, support)
+            support = message(h)  # (..., node, width)
+            att = torch.sigmoid(attention(op_features)) * is_edge  # (..., to, from, width)
+            h_next = torch.einsum("...ijw,...jw->...iw", att, support)  # (..., node, width)
             # node 0 has no incoming edge: it keeps its own message
             h = torch.cat([h_next[..., :1, :] + support[..., :1, :], h_next[..., 1:, :]], dim=-2)
             if layer < len(self.messages) - 1:
                 h = F.relu(h)
-        return self.mlp(torch.cat([h[..., self.edge_src, :], h[..., self.edge_dst, :]], dim=-1))
+        ends = torch.cat([h[..., self.edge_src, :], h[..., self.edge_dst, :]], dim=-1)
+        return self.mlp(ends)  # ends: (..., 6, 2 * width), each edge's two nodes
 
 
 def gumbel_draw(logits):
     """Straight-through Gumbel: one-hot forward, the gradient of the soft probabilities."""
-    gate = F.gumbel_softmax(logits, tau=GUMBEL_TEMPERATURE, hard=True)
-    return SharingAssignment(blocks=gate.argmax(-1), gate=gate)
+    gate = F.gumbel_softmax(logits, tau=GUMBEL_TEMPERATURE, hard=True)  # (6, level)
+    return SharingAssignment(gate=gate, chosen=gate.argmax(-1))
 
 
 class CLOSENet(nn.Module):
@@ -549,22 +587,24 @@ class CLOSENet(nn.Module):
         super().__init__()
         self.baseline = baseline
         self.num_blocks = len(EDGES) if baseline else num_blocks
-        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1, bias=False),
-                                  BatchNorm(channels))
+        self.stem = Sequential(nn.Conv2d(3, channels, 3, padding=1, bias=False),
+                               BatchNorm(channels))
         layers = []
         for stage, width in enumerate((channels, 2 * channels, 4 * channels)):
             if stage:
                 layers.append(ResidualReduction(width // 2, width))
             layers += [Cell(width, self.num_blocks) for _ in range(cells)]
         self.layers = nn.ModuleList(layers)
-        self.head = nn.Sequential(BatchNorm(4 * channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                                  nn.Flatten(), nn.Dropout(0.1),
-                                  nn.Linear(4 * channels, num_classes))
+        self.head = Sequential(BatchNorm(4 * channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                               nn.Flatten(), nn.Dropout(HEAD_DROPOUT),
+                               nn.Linear(4 * channels, num_classes))
         self.gate = None if baseline else Gate(num_blocks)
         self.level = self.num_blocks if baseline else 1
 
     @property
-    def level(self):  # active blocks, the curriculum level; the others frozen until WIT
+    def level(self):
+        """Active blocks, the curriculum level. The blocks beyond it are frozen until WIT brings
+        them in; not the GATE's logit rows for them: weight decay shrinks those, as officially."""
         return self._level
 
     @level.setter
@@ -578,17 +618,15 @@ class CLOSENet(nn.Module):
         return [layer for layer in self.layers if isinstance(layer, Cell)]
 
     def gate_logits(self, archs):
-        """Logits over the active blocks: [6, level] for an arch, [N, 6, level] for a list or tensor
-        of archs. fp32: bf16 rounds by ~5e-4, above a fresh GATE's arch signal."""
+        """Logits over the active blocks: (6, level) for an arch, (N, 6, level) for a list of N
+        archs. In fp32: bf16 rounds by ~5e-4, above a fresh GATE's arch signal."""
+        try:
+            ops = torch.tensor(as_arch(archs))  # (6,)
+        except ValueError:  # not an arch: a list of them
+            ops = torch.tensor([as_arch(arch) for arch in archs]).view(-1, len(EDGES))
         device = self.gate.edge_src.device
-        if isinstance(archs, (torch.Tensor, np.ndarray)):
-            archs = archs.tolist()
-        first = archs[0] if isinstance(archs, (list, tuple)) and archs else None
-        many = isinstance(first, (str, list, tuple))
-        ops = [as_arch(arch) for arch in archs] if many else as_arch(archs)
-        archs = torch.tensor(ops).to(device, non_blocking=True)  # no host sync
         with torch.autocast(device.type, enabled=False):
-            return self.gate(archs)[..., :self.level]
+            return self.gate(ops.to(device, non_blocking=True))[..., :self.level]
 
     def sharing_assignment(self, arch, eval_gate="sample", seed=0):
         """Vanilla: edge e on block e; level 1: block 0. Training: a straight-through Gumbel draw
@@ -599,23 +637,25 @@ class CLOSENet(nn.Module):
             return SharingAssignment(blocks=list(range(len(EDGES))))
         if self.level == 1:
             return SharingAssignment(blocks=[0] * len(EDGES))
-        logits = self.gate_logits(arch)
+        logits = self.gate_logits(arch)  # (6, level)
         if self.training:
             return gumbel_draw(logits)
         if eval_gate == "argmax":
             return SharingAssignment(blocks=logits.argmax(-1).tolist())
         # argmax(logits + Gumbel noise) is a draw from softmax(logits): the library's draw
         generator = torch.Generator().manual_seed(seed * len(ALL_ARCHS) + arch_index(arch))
-        draw = torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator)
+        draw = torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator)  # (6, 1)
         return SharingAssignment(blocks=draw[:, 0].tolist())
 
-    def forward(self, images, arch, assignment=None):
+    def forward(self, images, arch, assignment=None, batch_size=None):
+        """Logits (B, classes); BN statistics of each `batch_size` images (None: of all)."""
         arch = as_arch(arch)
         assignment = assignment or self.sharing_assignment(arch)
-        x = self.stem(images)
+        x = self.stem(images, batch_size)
         for layer in self.layers:
-            x = layer(x, arch, assignment) if isinstance(layer, Cell) else layer(x)
-        return self.head(x)
+            x = (layer(x, arch, assignment, batch_size) if isinstance(layer, Cell)
+                 else layer(x, batch_size))
+        return self.head(x, batch_size)
 
     def get_extra_state(self):  # the level travels with the weights in state_dict()
         return {"level": self.level}
@@ -633,7 +673,8 @@ def build_model(cfg, num_classes, device):
 # --------------------------------------
 # 4. Curriculum on the sharing extent
 def curriculum_level(epoch, epochs, num_blocks):
-    """Active blocks at 0-based `epoch`: one more every epochs/K (official: 1,000 and 200)."""
+    """Active blocks at 0-based `epoch`: one more every epochs/K (officially 1,000 epochs and a
+    block every 200)."""
     return min(num_blocks, 1 + epoch * num_blocks // epochs)
 
 
@@ -663,8 +704,8 @@ def make_optimizer(model, cfg):
                                 weight_decay=cfg.weight_decay)
     optimizer.register_step_pre_hook(zero_missing_grads)
     patience = max(1, round(PLATEAU_PATIENCE * cfg.epochs))
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5,
-                                                           patience=patience, threshold=1e-4)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, factor=PLATEAU_FACTOR, patience=patience, threshold=PLATEAU_THRESHOLD)
     return optimizer, scheduler
 
 
@@ -677,9 +718,17 @@ def zero_missing_grads(optimizer, *_):
 
 
 def restart_epoch(cfg):
-    """The learning-rate restart: a new optimizer (lr back to --lr, momentum buffers empty) and a
-    new plateau schedule, officially at epoch 401 of 1,000."""
+    """The 0-based epoch at whose start train() restarts the learning rate (officially epoch 401
+    of 1,000)."""
     return int(RESTART_FRACTION * cfg.epochs)
+
+
+@dataclass
+class TrainingState:
+    """What the schedule changes: with the model and torch's RNG, all an exact resume needs."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+    epoch: int = 0  # epochs finished
 
 
 def train_step(model, optimizer, images, labels, arch, grad_clip):
@@ -712,12 +761,12 @@ def train_epoch(model, optimizer, data, cfg):
 
 
 def train(model, data, cfg, state, epoch_done=lambda finished: None):
-    """Each epoch: grow the pool to the curriculum level (WIT), restart the optimizer at 40%,
+    """Each epoch: grow the pool to the curriculum level (WIT), restart the learning rate at 40%,
     make one pass, step the plateau scheduler on the mean loss."""
     for epoch in range(state.epoch, cfg.epochs):
         while model.level < curriculum_level(epoch, cfg.epochs, model.num_blocks):
             add_glow_block(model)
-        if epoch == restart_epoch(cfg) > 0:
+        if epoch == restart_epoch(cfg) > 0:  # lr back to --lr, no momentum, a new plateau count
             state.optimizer, state.scheduler = make_optimizer(model, cfg)
         started, lr = time.monotonic(), state.optimizer.param_groups[0]["lr"]
         finished = train_epoch(model, state.optimizer, data, cfg)
@@ -729,17 +778,18 @@ def train(model, data, cfg, state, epoch_done=lambda finished: None):
 
 # --------------------------------------
 # 6. Evaluation: one-shot scores, the GATE's health, ranking metrics
-def heldout_set(data, cfg):
-    """The held-out images that score archs, normalised once."""
-    count = cfg.eval_batches * cfg.batch_size or len(data.heldout_labels)
+def heldout_set(data, cfg, batches=None):
+    """The first `batches` held-out batches (default --eval-batches; 0: all), normalised once."""
+    count = (cfg.eval_batches if batches is None else batches) * cfg.batch_size
+    count = count or len(data.heldout_labels)
     images = normalize(data.heldout_images[:count]).contiguous(memory_format=MEMORY_FORMAT)
     return images, data.heldout_labels[:count]
 
 
-def archs_to_score(cfg):
-    """The unique archs, or a subset seeded by --eval-seed."""
-    if 0 < cfg.eval_archs < len(unique_archs()):
-        return tuple(random.Random(cfg.eval_seed).sample(unique_archs(), cfg.eval_archs))
+def seeded_archs(count, seed):
+    """`count` unique archs drawn by `seed` (0, or more than there are: all, in NB201's order)."""
+    if 0 < count < len(unique_archs()):
+        return tuple(random.Random(seed).sample(unique_archs(), count))
     return unique_archs()
 
 
@@ -758,23 +808,33 @@ def score_arch(model, arch, images, labels, batch_size, eval_gate="sample", seed
     """One-shot evaluation: accuracy (%) and loss of arch with the supernet's weights, means over
     batches; dropout off, BN on each batch's statistics (eval() does both). Whole batches go
     through images_per_pass at a time (0: 40 on a GPU, where launches cost; 1 on a CPU, where
-    cache misses do), the last, smaller batch alone."""
+    cache misses do), the last, smaller batch alone. A pass that runs out of GPU memory is
+    halved until it fits (the scores stay the same); one batch that does not fit raises."""
     if images_per_pass % batch_size:
         raise ValueError(f"images per pass ({images_per_pass}) must be 0 or a multiple of the "
                          f"batch size ({batch_size})")
     step = images_per_pass or batch_size * (40 if images.device.type == "cuda" else 1)
     whole = len(labels) - len(labels) % batch_size
-    passes = [(i, min(i + step, whole), batch_size) for i in range(0, whole, step)]
-    passes += [(whole, len(labels), len(labels) - whole)] if whole < len(labels) else []
-    arch, accuracies, losses = as_arch(arch), [], []
+    arch, accuracies, losses, start = as_arch(arch), [], [], 0
     with evaluating(model):
         assignment = model.sharing_assignment(arch, eval_gate, seed)
-        for start, end, group in passes:
-            with autocast(images.device), batch_statistics_per(group):
-                logits = model(images[start:end], arch, assignment).double()  # bf16 on a GPU
+        while start < len(labels):
+            end, group = ((min(start + step, whole), batch_size) if start < whole else
+                          (len(labels), len(labels) - whole))
+            try:
+                with autocast(images.device):  # bf16 on a recent GPU
+                    logits = model(images[start:end], arch, assignment, group).double()
+            except torch.OutOfMemoryError:
+                if end - start <= batch_size:
+                    raise
+                logits = None  # try again once this pass's memory is free
+            if logits is None:
+                step = (end - start) // 2 // batch_size * batch_size
+                continue
             logits, y = logits.unflatten(0, (-1, group)), labels[start:end].view(-1, group)
             accuracies.append((logits.argmax(-1) == y).double().mean(1) * 100)
             losses.append(F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1))
+            start = end
     return torch.cat(accuracies).mean().item(), torch.cat(losses).mean().item()
 
 
@@ -784,16 +844,22 @@ def probe_archs():
     return tuple(random.Random(0).sample(unique_archs(), 500))
 
 
+# The GATE's health in words: BLIND when the spread of its logits between archs is below this (no
+# block's odds move by 5%), COLLAPSED when fewer edges than this share avoid the likeliest block.
+GATE_BLIND_SPREAD, GATE_COLLAPSED_SHARE = 0.05, 0.01
+
+
 @torch.no_grad()
 def gate_health(model, archs):
     """Does the GATE route by arch? Over the routed edges of `archs`: spread, the std of the
-    logits centred per edge (under 0.05 no block's odds move by 5% between archs); off_dominant,
-    the share not on the likeliest block (0: collapsed); entropy of a draw / log(level)."""
+    logits centred per edge; off_dominant, the share not on the likeliest block (0: collapsed);
+    entropy of a draw / log(level)."""
     if model.gate is None or model.level == 1:
         return {"spread": None, "off_dominant": None, "entropy": None}
     routed = torch.tensor([[e in routed_edges(arch) for e in range(len(EDGES))] for arch in archs])
     with evaluating(model):
-        logits = model.gate_logits(archs)[routed.to(model.gate.edge_src.device)]  # [edges, level]
+        logits = model.gate_logits(archs)[routed.to(model.gate.edge_src.device)]
+    # logits: (routed edges, level)
     p = logits.softmax(-1)
     entropy = -(p * p.clamp_min(1e-12).log()).sum(-1) / math.log(model.level)
     return {"spread": (logits - logits.mean(-1, keepdim=True)).std(0).mean().item(),
@@ -846,7 +912,8 @@ def load_ground_truth(path):
         raise UsageError("--nb201 needs nb201_api_slim.py next to close.py") from None
     try:
         table = nb201_api_slim.load(path)
-        classes = {d: table.group_accuracies(lambda text: canonical(str_to_arch(text)), d)
+        class_of = functools.cache(lambda text: canonical(str_to_arch(text)))
+        classes = {d: table.group_accuracies(class_of, d)
                    for d in NB201_DATASETS if d in table.datasets}
     except (OSError, ValueError) as error:
         raise UsageError(f"--nb201 {path}: {error}") from None
@@ -924,14 +991,19 @@ def search_with_supernet(model, images, labels, cfg, scores):
 
 
 # --------------------------------------
-# 8. Runs: checked options, exact resume, torchrun, outputs, summary, benchmark
+# 8. Runs: checked options, exact resume, the curve, torchrun, outputs, summary, benchmark
 # The options that define a trained supernet, and those its weights need.
 RUN_OPTIONS = ("blocks", "baseline", "channels", "cells", "epochs", "batch_size", "lr", "momentum",
                "weight_decay", "grad_clip", "seed", "data", "train_subset")
 MODEL_OPTIONS = ("blocks", "baseline", "channels", "cells")
+# What a resumed run must keep besides: its scores and its curve would mix two protocols.
+SCORING_OPTIONS = ("eval_batches", "eval_gate", "eval_seed", "track_every", "track_archs",
+                   "track_batches")
 LOG_FIELDS = ("epoch", "level", "lr", "loss", "accuracy", "seconds", "images_per_s",
               "gate_spread", "gate_off_dominant", "gate_entropy")
 SCORE_FIELDS = ("arch", "oneshot_accuracy", "oneshot_loss", "nb201_accuracy")
+CURVE_FIELDS = ("epoch", "level", "lr", "mean_oneshot_accuracy", "kendall_tau", "spearman",
+                "P@top5%", "seconds")
 SUMMARY_METRICS = ("kendall_tau", "spearman", "pearson", "P@top1%", "P@top5%", "P@top10%",
                    "P@bottom5%", "BR@5%", "WR@5%")
 STOP_SIGNALS = [signal.SIGINT]  # the command line adds SIGTERM; a library keeps its own
@@ -963,21 +1035,6 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def with_progress(items, label, clock=time.monotonic):
-    """Yield from `items`, printing how far it is and the time left once a minute."""
-    started = shown = clock()
-    for done, item in enumerate(items, 1):
-        yield item
-        if (now := clock()) - shown > 60 and done < len(items):
-            rate, shown = done / (now - started), now
-            print(f"{label}: {done:,}/{len(items):,}  {rate:,.2f}/s  "
-                  f"{duration((len(items) - done) / rate)} left", flush=True)
-
-
-def duration(seconds):
-    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
-
-
 def use_machine(cfg):
     """--threads (else torch's; under torchrun a share of the cores) and the device (under
     torchrun, rank r on cuda:(LOCAL_RANK mod GPUs))."""
@@ -1000,10 +1057,12 @@ def use_machine(cfg):
 
 def check_config(cfg):
     """Every option, before anything is read or written."""
-    rules = [("epochs batch_size blocks channels cells population tournament lr grad_clip",
-              lambda v: v > 0, "be positive"),
+    rules = [("epochs batch_size blocks channels cells population tournament lr grad_clip "
+              "track_batches", lambda v: v > 0, "be positive"),
              ("eval_archs eval_batches search_budget train_subset weight_decay threads "
               "images_per_pass", lambda v: v >= 0, "be 0 or more"),
+             ("track_every", lambda v: v >= -1, "be 0 or more, or -1 (epochs // 10)"),
+             ("track_archs", lambda v: 2 <= v <= len(unique_archs()), "be 2 to 6,466"),
              ("momentum", lambda v: 0 <= v < 1, "be in [0, 1)")]
     for names, valid, rule in rules:
         for name in names.split():
@@ -1025,11 +1084,11 @@ def default_out(cfg):
 
 def settle_options(cfg, given, resume, load):
     """A resumed or loaded run's options, but those typed now (`given`), which may not change the
-    supernet; and for --load the checkpoint."""
-    checkpoint, fixed, path = None, RUN_OPTIONS + ("eval_batches", "eval_gate"), load
+    supernet; and for --load the checkpoint. Options a run predates take their defaults."""
+    checkpoint, needed, fixed, path = None, RUN_OPTIONS, RUN_OPTIONS + SCORING_OPTIONS, load
     if load:
-        checkpoint, fixed = load_checkpoint(load), MODEL_OPTIONS
-        saved = checkpoint["config"]
+        checkpoint, needed = load_checkpoint(load), MODEL_OPTIONS
+        saved, fixed = checkpoint["config"], needed
     elif resume:
         path = Path(cfg.out or default_out(cfg)) / "config.json"
         if not path.exists():
@@ -1040,16 +1099,17 @@ def settle_options(cfg, given, resume, load):
             raise UsageError(f"--resume: {path} is not readable JSON ({error})") from None
     else:
         return cfg, None
-    defaults = asdict(cfg)
-    if not isinstance(saved, dict) or not set(fixed) <= saved.keys() or any(
+    defaults = asdict(Config())
+    if not isinstance(saved, dict) or not set(needed) <= saved.keys() or any(
             type(value) is not type(defaults[name])
             for name, value in saved.items() if name in defaults):
         raise UsageError(f"{path}: not the options of a close.py run")
-    conflicts = [f"--{name.replace('_', '-')} ({saved[name]} there, {getattr(cfg, name)} now)"
-                 for name in fixed if name in given and saved[name] != getattr(cfg, name)]
+    settled = Config(**(defaults | {k: v for k, v in saved.items() if k in defaults}))
+    conflicts = [f"--{name.replace('_', '-')} ({getattr(settled, name)} there, "
+                 f"{getattr(cfg, name)} now)" for name in fixed
+                 if name in given and getattr(settled, name) != getattr(cfg, name)]
     if conflicts:
         raise UsageError(f"the run had other options: {', '.join(conflicts)}")
-    settled = Config(**{key: value for key, value in saved.items() if key in defaults})
     for name in given:
         setattr(settled, name, getattr(cfg, name))
     if load:
@@ -1085,20 +1145,12 @@ def csv_text(header, rows):
     return text.getvalue()
 
 
-@dataclass
-class TrainingState:
-    """What the schedule changes: with the model and torch's RNG, all an exact resume needs."""
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
-    epoch: int = 0  # epochs finished
-
-
-def save_checkpoint(path, cfg, model, state, log):
+def save_checkpoint(path, cfg, model, state, log, curve):
     rng = {"cpu": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     checkpoint = {"config": asdict(cfg), "model": model.state_dict(), "epoch": state.epoch,
                   "optimizer": state.optimizer.state_dict(), "rng": rng, "log": log,
-                  "scheduler": state.scheduler.state_dict()}
+                  "scheduler": state.scheduler.state_dict(), "curve": curve}
     write_atomic(path, lambda temporary: torch.save(checkpoint, temporary))
 
 
@@ -1120,43 +1172,95 @@ def load_weights(model, weights, path):
                          f"({str(error).splitlines()[0][:200]})") from None
 
 
-def fit(model, data, cfg, out):
-    """train() with a checkpoint, a log.csv row and a line after every epoch, resumed after the
-    last."""
-    state, log = TrainingState(*make_optimizer(model, cfg)), []
+def resume_training(model, state, path):
+    """Weights, optimizer, plateau schedule and RNG after the last finished epoch; its log and
+    curve."""
+    saved = load_checkpoint(path, next(model.parameters()).device)
+    load_weights(model, saved["model"], path)
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.epoch, rng = saved["epoch"], saved["rng"]
+    torch.set_rng_state(rng["cpu"].cpu())  # generator states live on the CPU
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([generator.cpu() for generator in rng["cuda"]])
+    print(f"resumed after epoch {state.epoch}")
+    return saved["log"], saved.get("curve", [])
+
+
+# The curve: a fixed set of archs scored as the final scoring does, every --track-every epochs,
+# so that one run measures the ranking at every training budget up to its own.
+def tracking_interval(cfg):
+    return max(1, cfg.epochs // 10) if cfg.track_every == -1 else cfg.track_every
+
+
+def track(model, images, labels, archs, cfg, truth):
+    """One point of the curve. It leaves training as it was: score_arch keeps no autograd graph,
+    draws from generators of its own and restores train mode; fork_rng guards training's."""
+    started, device = time.monotonic(), images.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        scores = [score_arch(model, arch, images, labels, cfg.batch_size, cfg.eval_gate,
+                             cfg.eval_seed, cfg.images_per_pass) for arch in archs]
+    accuracies = [accuracy for accuracy, _ in scores]
+    ranking = {}
+    if truth:
+        ranking = ranking_metrics(accuracies, [truth.accuracy["cifar10"][a] for a in archs])
+    return {"mean_oneshot_accuracy": float(np.mean(accuracies)),
+            **{name: ranking.get(name) for name in CURVE_FIELDS[4:7]},
+            "seconds": round(time.monotonic() - started, 3), "scores": scores}
+
+
+def write_training_files(out, log, curve, archs):
+    """log.csv, and the curve: curve.csv (its points), curve_scores.csv (each arch's scores)."""
+    write_atomic(out / "log.csv", csv_text(LOG_FIELDS, [[r[k] for k in LOG_FIELDS] for r in log]))
+    if curve:
+        rows = [["" if p[k] is None else p[k] for k in CURVE_FIELDS] for p in curve]
+        write_atomic(out / "curve.csv", csv_text(CURVE_FIELDS, rows))
+        rows = [[p["epoch"], arch_to_str(a), *score]
+                for p in curve for a, score in zip(archs, p["scores"])]
+        write_atomic(out / "curve_scores.csv", csv_text(("epoch", *SCORE_FIELDS[:3]), rows))
+
+
+def fit(model, data, cfg, out, truth=None):
+    """train() with a checkpoint, a log.csv row and a line after every epoch, and a point of the
+    curve every --track-every epochs; resumed after the last finished epoch."""
+    state, log, curve = TrainingState(*make_optimizer(model, cfg)), [], []
     if (out / "checkpoint.pt").exists():
-        saved = load_checkpoint(out / "checkpoint.pt", data.train_images.device)
-        load_weights(model, saved["model"], out / "checkpoint.pt")
-        state.optimizer.load_state_dict(saved["optimizer"])
-        state.scheduler.load_state_dict(saved["scheduler"])
-        state.epoch, log, rng = saved["epoch"], saved["log"], saved["rng"]
-        torch.set_rng_state(rng["cpu"].cpu())  # generator states live on the CPU
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([generator.cpu() for generator in rng["cuda"]])
-        print(f"resumed after epoch {state.epoch}")
+        log, curve = resume_training(model, state, out / "checkpoint.pt")
+    every, archs = tracking_interval(cfg), seeded_archs(cfg.track_archs, cfg.eval_seed)
+    images, labels = heldout_set(data, cfg, cfg.track_batches) if every else (None, None)
 
     def epoch_done(finished):
-        images, seconds, loss = finished["images"], finished["seconds"], finished["loss"]
+        seen, seconds, loss = finished["images"], finished["seconds"], finished["loss"]
         if not math.isfinite(loss):
-            raise UsageError(f"the training loss became non-finite in epoch {state.epoch}; the "
-                             f"checkpoint keeps the last good one")
+            raise RunError(f"the training loss became non-finite in epoch {state.epoch}; the "
+                           f"checkpoint keeps the last good one")
         health = gate_health(model, probe_archs())
         log.append({"epoch": state.epoch, "level": model.level, "lr": finished["lr"],
-                    "loss": loss, "accuracy": 100 * finished["correct"].item() / images,
-                    "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 1),
+                    "loss": loss, "accuracy": 100 * finished["correct"].item() / seen,
+                    "seconds": round(seconds, 3), "images_per_s": round(seen / seconds, 1),
                     **{f"gate_{key}": value for key, value in health.items()}})
-        save_checkpoint(out / "checkpoint.pt", cfg, model, state, log)
-        rows = [[row[key] for key in LOG_FIELDS] for row in log]
-        write_atomic(out / "log.csv", csv_text(LOG_FIELDS, rows))
-        level = "" if model.baseline else f"level {model.level}  "
-        left = seconds * (cfg.epochs - state.epoch)  # later levels are slower
-        left = f"{duration(left)} left or more  " if left else ""
-        print(f"epoch {state.epoch:4d}/{cfg.epochs}  loss {loss:.4f}  acc "
-              f"{log[-1]['accuracy']:5.1f}%  lr {finished['lr']:.4g}  {level}"
-              f"{images / seconds:,.0f} img/s  {left}{describe_gate(health)}", flush=True)
+        if every and (state.epoch % every == 0 or state.epoch == cfg.epochs):
+            curve.append({"epoch": state.epoch, "level": model.level, "lr": finished["lr"],
+                          **track(model, images, labels, archs, cfg, truth)})
+        save_checkpoint(out / "checkpoint.pt", cfg, model, state, log, curve)
+        write_training_files(out, log, curve, archs)
+        print(epoch_line(model, cfg, log[-1], curve, health), flush=True)
 
     train(model, data, cfg, state, epoch_done)
     return log
+
+
+def epoch_line(model, cfg, row, curve, health):
+    left = row["seconds"] * (cfg.epochs - row["epoch"])  # later levels are slower
+    left = f"{duration(left)} left or more  " if left else ""
+    point = curve[-1] if curve and curve[-1]["epoch"] == row["epoch"] else None
+    tracked = "" if point is None else (
+        f"tracked tau {point['kendall_tau']:.3f}  " if point["kendall_tau"] is not None
+        else f"tracked one-shot {point['mean_oneshot_accuracy']:.1f}%  ")
+    return (f"epoch {row['epoch']:4d}/{cfg.epochs}  loss {row['loss']:.4f}  acc "
+            f"{row['accuracy']:5.1f}%  lr {row['lr']:.4g}  "
+            f"{'' if model.baseline else f'level {model.level}  '}"
+            f"{row['images_per_s']:,.0f} img/s  {left}{tracked}{describe_gate(health)}")
 
 
 def from_rank0(value):
@@ -1165,13 +1269,13 @@ def from_rank0(value):
     return box[0]
 
 
-def fit_on_rank0(model, data, cfg, out):
+def fit_on_rank0(model, data, cfg, out, truth=None):
     """fit() on rank 0; the other ranks take its weights (or its stop)."""
     weights = log = None
     with StopRequest() if RANK else contextlib.nullcontext():  # rank 0 answers a stop
         try:
             if RANK == 0:
-                log = fit(model, data, cfg, out)
+                log = fit(model, data, cfg, out, truth)
                 weights = {k: v.cpu() if torch.is_tensor(v) else v
                            for k, v in model.state_dict().items()}
         finally:
@@ -1218,30 +1322,31 @@ def score_archs(model, images, labels, cfg, archs, path):
 
 
 def run(cfg, resume=False, load="", given=()):
-    """Check every input (on every rank, before they meet), then train, score, rank, search."""
+    """Check every input, then train, score, rank, search. Under torchrun rank 0 reads the data
+    (and downloads it on first use) before the ranks meet, the others after it: one download."""
     cfg, checkpoint = settle_options(cfg, set(given), resume, load)
     check_config(cfg)
     device, out = use_machine(cfg), claim_out(cfg, resume)
     truth = load_ground_truth(cfg.nb201) if cfg.nb201 else None  # never seen by the search
-    if WORLD > 1:  # gloo: ranks may share a GPU; wait out the longest training
-        dist.init_process_group("gloo", timeout=datetime.timedelta(days=30))
-    if not importlib.util.find_spec("matplotlib"):
-        print(f"no matplotlib: no ranking.png (pip install matplotlib; close.py --plot {out})")
     times, started = {}, time.monotonic()
     try:
-        data = load_dataset(cfg).to(device)
+        data = read_data(cfg, given) if RANK == 0 else None
+        if WORLD > 1:  # gloo: ranks may share a GPU; wait out the longest training
+            dist.init_process_group("gloo", timeout=datetime.timedelta(days=30))
+        data = (data or read_data(cfg, given)).to(device)
         times["data_s"] = time.monotonic() - started
         model = build_model(cfg, data.num_classes, device)
         print(f"{out.name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
               f"{len(data.train_labels):,} train / {len(data.heldout_labels):,} held-out images, "
-              f"{device}", flush=True)
+              f"{device}, {str(precision(device))[6:]}", flush=True)
         if checkpoint:
             load_weights(model, checkpoint["model"], load)
+            print("--load: no training, so no curve")
         if RANK == 0:  # from here the folder is the run's
             out.mkdir(parents=True, exist_ok=True)
             write_atomic(out / "config.json", json.dumps(asdict(cfg), indent=2))
         train_supernet = fit_on_rank0 if WORLD > 1 else fit
-        log = checkpoint["log"] if checkpoint else train_supernet(model, data, cfg, out)
+        log = checkpoint["log"] if checkpoint else train_supernet(model, data, cfg, out, truth)
         times["train_s"] = sum(row["seconds"] for row in log or [])
         results = score_rank_search(model, data, cfg, out, truth, times)
         if WORLD > 1:  # leave together: a rank that left gloo while rank 0 searched has aborted
@@ -1251,10 +1356,34 @@ def run(cfg, resume=False, load="", given=()):
         saved = (out / "config.json").exists()
         raise Interrupted("interrupted: " + ("--resume continues" if saved else
                                              "nothing was saved")) from None
+    except torch.OutOfMemoryError:
+        raise RunError(out_of_memory(device, cfg)) from None
+
+
+def read_data(cfg, given):
+    """load_dataset, and a --track-batches that its held-out split holds."""
+    data = load_dataset(cfg)
+    batches = math.ceil(len(data.heldout_labels) / cfg.batch_size)
+    if "track_batches" in given and cfg.track_batches > batches:
+        raise UsageError(f"--track-batches {cfg.track_batches}: the held-out split has "
+                         f"{batches} batches of {cfg.batch_size}")
+    return data
+
+
+def out_of_memory(device, cfg):
+    """What to do when one batch does not fit (a pass of many batches halves itself first)."""
+    where = str(device)
+    if device.type == "cuda":
+        free, total = (size / 2**30 for size in torch.cuda.mem_get_info(device))
+        where = f"{torch.cuda.get_device_name(device)}, {free:.1f} of {total:.1f} GiB free"
+    return (f"out of GPU memory with one batch of --batch-size {cfg.batch_size} ({where}); the "
+            f"checkpoint and scores so far are kept: free the GPU's memory and --resume, or "
+            f"start again with a smaller --batch-size")
 
 
 def score_rank_search(model, data, cfg, out, truth, times):
-    started, (images, labels), archs = time.monotonic(), heldout_set(data, cfg), archs_to_score(cfg)
+    started, (images, labels) = time.monotonic(), heldout_set(data, cfg)
+    archs = seeded_archs(cfg.eval_archs, cfg.eval_seed)
     scores = score_archs(model, images, labels, cfg, archs, out / "scores.csv")
     if RANK > 0:
         return None
@@ -1282,11 +1411,14 @@ def score_rank_search(model, data, cfg, out, truth, times):
                "scored_archs": len(archs), "mean_oneshot_accuracy": float(np.mean(accuracies)),
                "scoring_edges_per_block": edges_per_block(model, archs, cfg),
                "gate": gate_health(model, probe_archs()), "heldout_images": len(labels),
-               "device": str(images.device), "threads": torch.get_num_threads()}
+               "device": str(images.device), "precision": str(precision(images.device))[6:],
+               "threads": torch.get_num_threads()}
     write_atomic(out / "metrics.json", json.dumps(results, indent=2))
     print_summary(out, results)
     if importlib.util.find_spec("matplotlib"):
         plot_run(out)
+    else:
+        print(f"no matplotlib: no ranking.png (pip install matplotlib; close.py --plot {out})")
     return results
 
 
@@ -1305,8 +1437,9 @@ def describe_gate(health):
     arch; COLLAPSED, one block is the likeliest for every edge."""
     if health["spread"] is None:
         return ""
-    verdict = [word for word, bad in (("BLIND", health["spread"] < 0.05),
-                                      ("COLLAPSED", health["off_dominant"] < 0.01)) if bad]
+    verdict = [word for word, bad in (("BLIND", health["spread"] < GATE_BLIND_SPREAD),
+                                      ("COLLAPSED", health["off_dominant"] < GATE_COLLAPSED_SHARE))
+               if bad]
     return f"GATE {' and '.join(verdict) or 'routes by arch'} (spread {health['spread']:.2g})"
 
 
@@ -1315,18 +1448,31 @@ def print_summary(out, results):
     gate = results["gate"]
     if gate["spread"] is not None:
         print(describe_gate(gate))
-        print("  spread: std of its logits between archs (<0.05: blind)\n"
+        print(f"  spread: std of its logits between archs (<{GATE_BLIND_SPREAD}: blind)\n"
               f"  likeliest block: one block for {1 - gate['off_dominant']:.0%} of the edges\n"
               f"  draws: {gate['entropy']:.0%} as random as a uniform pick (entropy)\n"
               f"  scoring (--eval-gate): edges per block {results['scoring_edges_per_block']}")
+    if curve := read_curve(out):
+        names = CURVE_FIELDS[1:7] if results["ranking"] else CURVE_FIELDS[1:4]
+        print(f"curve ({out / 'curve.csv'}):")
+        print_table("epoch", [p["epoch"] for p in curve],
+                    [(name, {p["epoch"]: p[name] for p in curve}) for name in names])
     print_metrics_table([results])
     if search := results["search"]:
         print(f"search ({search['strategy']}, {search['budget']} evaluations) found "
               f"{search['best']['arch']}")
 
 
+def read_curve(folder):
+    """The points of curve.csv ([] without one)."""
+    path = Path(folder) / "curve.csv"
+    rows = list(csv.DictReader(path.read_text().splitlines())) if path.exists() else []
+    return [{key: None if text == "" else int(text) if key in ("epoch", "level") else float(text)
+             for key, text in row.items()} for row in rows]
+
+
 def finished_run(folder):
-    """A finished run's metrics, options and folder name."""
+    """A finished run's metrics, options (defaults for those it predates), folder and curve."""
     try:
         run = json.loads((Path(folder) / "metrics.json").read_text())
         config = json.loads((Path(folder) / "config.json").read_text())
@@ -1335,7 +1481,8 @@ def finished_run(folder):
     if not (isinstance(run, dict) and "ranking" in run and isinstance(config, dict)):
         raise UsageError(f"{folder} is not a finished run (no metrics.json and config.json "
                          f"written by close.py)")
-    return {**run, "run": Path(folder).name, "config": config}
+    return {**run, "run": Path(folder).name, "config": asdict(Config()) | config,
+            "folder": Path(folder), "curve": read_curve(folder)}
 
 
 def found_cell(run, dataset):
@@ -1343,25 +1490,36 @@ def found_cell(run, dataset):
     return ((run["search"] or {}).get("best") or {}).get("nb201", {}).get(dataset, {})
 
 
-def print_metrics_table(runs):
-    """Finished runs side by side (the summary, --compare)."""
-    def cell(value):
+def print_table(corner, rows, columns):
+    """`columns`: (name, {row: value}) pairs, printed side by side; floats with 3 decimals, '-'
+    where a column has no value."""
+    def text(value):
         return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
-    rows, ranked = {"": [run["run"] for run in runs]}, [r["ranking"] for r in runs if r["ranking"]]
-    for name in SUMMARY_METRICS if ranked else ():
-        rows[name] = [cell((run["ranking"] or {}).get(name)) for run in runs]
-    rows["mean one-shot"] = [f"{run['mean_oneshot_accuracy']:.1f}%" for run in runs]
-    for dataset in NB201_DATASETS:
-        if any(found := [found_cell(run, dataset) for run in runs]):
-            rows[f"found {dataset}"] = [f"{c['accuracy']:.2f}% #{c['rank']:,}" if c else "-"
-                                        for c in found]
-    rows["train, score"] = [", ".join(duration(run["times"][key]) for key in ("train_s", "score_s"))
-                            for run in runs]
-    label, width = max(map(len, rows)) + 2, 2 + max(len(text) for t in rows.values() for text in t)
-    for name, texts in rows.items():
-        print(f"{name:{label}s}" + "".join(f"{text:>{width}s}" for text in texts))
-    if ranked:
+    columns = [(name, [text(values.get(row)) for row in rows]) for name, values in columns]
+    label = 2 + max(len(str(row)) for row in [corner, *rows])
+    widths = [2 + max(len(name), *map(len, texts)) for name, texts in columns]
+    print(f"{corner:{label}s}" + "".join(f"{n:>{w}s}" for (n, _), w in zip(columns, widths)))
+    for i, row in enumerate(rows):
+        print(f"{row!s:{label}s}" + "".join(f"{t[i]:>{w}s}" for (_, t), w in zip(columns, widths)))
+
+
+def print_metrics_table(runs):
+    """Finished runs side by side (the summary, --compare)."""
+    rows = list(SUMMARY_METRICS) if any(run["ranking"] for run in runs) else []
+    rows += ["mean one-shot"] + [f"found {d}" for d in NB201_DATASETS
+                                 if any(found_cell(run, d) for run in runs)] + ["train, score"]
+    columns = []
+    for run in runs:
+        column = dict(run["ranking"] or {}) | {
+            "mean one-shot": f"{run['mean_oneshot_accuracy']:.1f}%",
+            "train, score": ", ".join(duration(run["times"][k]) for k in ("train_s", "score_s"))}
+        for dataset in NB201_DATASETS:
+            if cell := found_cell(run, dataset):
+                column[f"found {dataset}"] = f"{cell['accuracy']:.2f}% #{cell['rank']:,}"
+        columns.append((run["run"], column))
+    print_table("", rows, columns)
+    if ranked := [run["ranking"] for run in runs if run["ranking"]]:
         print(f"({ranked[0]['n']:,} archs; P@top/bottom K: share of the predicted top/bottom K% "
               f"that truly are; BR/WR@5%: best/worst true rank in the predicted top 5%)")
     if any(found_cell(run, "cifar10") for run in runs):
@@ -1370,77 +1528,172 @@ def print_metrics_table(runs):
 
 # A vanilla and a CLOSE run pair when only these options differ (vanilla has no blocks or GATE).
 UNPAIRED_OPTIONS = ("seed", "baseline", "blocks", "eval_gate", "out", "device", "threads",
-                    "images_per_pass")
+                    "images_per_pass", "track_every")
 PAIRED_METRICS = ("kendall_tau", "spearman", "P@top5%")
 
 
-def print_paired_differences(runs):
-    """CLOSE minus vanilla, seed by seed, for runs with --nb201 that pair: the differences, their
-    mean, sd and a paired t-test."""
+def compare(runs):
+    """--compare: the runs side by side, their curves, and CLOSE - vanilla paired by seed."""
+    print_metrics_table(runs)
+    curved = [run for run in runs if run["curve"]]
+    metric = "kendall_tau" if any(run["ranking"] for run in curved) else "mean_oneshot_accuracy"
+    if curved:
+        print(f"\n{metric} during training (curve.csv):")
+        epochs = sorted({point["epoch"] for run in curved for point in run["curve"]})
+        print_table("epoch", epochs, [(run["run"], {p["epoch"]: p[metric] for p in run["curve"]})
+                                      for run in curved])
+    if len(curved) < len(runs):
+        print(f"no curve: {', '.join(run['run'] for run in runs if not run['curve'])}")
+    for pairs in pair_by_seed(runs):
+        print_paired_differences(pairs)
+    if curved and importlib.util.find_spec("matplotlib"):
+        names = ("kendall_tau", "P@top5%") if metric == "kendall_tau" else (metric,)
+        print(f"\ncurves drawn in {plot_comparison(curved, names)}")
+
+
+def pair_by_seed(runs):
+    """Groups of runs whose options differ only in UNPAIRED_OPTIONS, each {seed: (vanilla,
+    CLOSE)}; says which runs do not pair."""
     groups, unpaired = {}, []
     for run in runs:
         options = {k: v for k, v in run["config"].items() if k not in UNPAIRED_OPTIONS}
         seeds = groups.setdefault(json.dumps(options, sort_keys=True), {})
         seeds.setdefault(run["config"]["seed"], []).append(run)
     for seeds in groups.values():
-        pairs = {seed: sorted(pair, key=lambda run: not run["config"]["baseline"])
-                 for seed, pair in seeds.items()}  # vanilla first
-        for seed, pair in list(pairs.items()):
-            kinds = [run["config"]["baseline"] for run in pair]
-            if kinds != [True, False] or not all(run["ranking"] for run in pair):
-                unpaired += [run["run"] for run in pairs.pop(seed)]
-        if not pairs:
-            continue
-        vanilla, closenet = (np.array([[run["ranking"][name] for name in PAIRED_METRICS] +
-                                       [found_cell(run, "cifar10").get("accuracy", np.nan)]
-                                       for run in side]) for side in zip(*pairs.values()))
-        lines = [(f"seed {seed}", row) for seed, row in zip(pairs, closenet - vanilla)]
-        lines.append(("mean", (closenet - vanilla).mean(0)))
-        if len(pairs) > 1:
-            lines += [("sd", (closenet - vanilla).std(0, ddof=1)),
-                      ("p", scipy.stats.ttest_rel(closenet, vanilla).pvalue)]
-        print(f"\nCLOSE - vanilla, paired by seed ({len(pairs)} pairs, the same other options):")
-        print(" " * 8 + "".join(f"{name:>16s}" for name in PAIRED_METRICS + ("found CIFAR-10",)))
-        for name, row in lines:
-            print(f"{name:8s}" + "".join("-".rjust(16) if np.isnan(v) else f"{v:>16.3f}"
-                                        if name == "p" else f"{v:>+16.3f}" for v in row))
-        if len(pairs) < 3:
-            print("(fewer than 3 pairs: the mean, sd and p say nothing yet)")
+        for seed, group in list(seeds.items()):
+            kinds = [[run for run in group if run["config"]["baseline"] is vanilla]
+                     for vanilla in (True, False)]
+            for kind, same in zip(("vanilla", "CLOSE"), kinds):
+                if len(same) > 1:
+                    print(f"seed {seed} has {len(same)} {kind} runs with the same options "
+                          f"({', '.join(run['run'] for run in same)}): none of them pairs")
+            if [len(same) for same in kinds] == [1, 1] and all(run["ranking"] for run in group):
+                seeds[seed] = (kinds[0][0], kinds[1][0])
+            else:
+                unpaired += [run["run"] for run in seeds.pop(seed)]
     if unpaired and len({run["config"]["baseline"] for run in runs}) == 2:
         print(f"not paired (no run of the other kind with the same seed and options, or no "
               f"--nb201): {', '.join(unpaired)}")
+    return [seeds for seeds in groups.values() if seeds]
 
 
-def plot_run(out):
-    """ranking.png: one-shot vs NB201 accuracy (without --nb201, how the one-shot scores spread)."""
+def print_paired_differences(pairs):
+    """CLOSE - vanilla, seed by seed: the final metrics, then the curve at each tracked epoch
+    that both runs have; with their mean, sd and a paired t-test."""
+    def final(run):
+        return [run["ranking"][name] for name in PAIRED_METRICS] + [
+            found_cell(run, "cifar10").get("accuracy", np.nan)]
+
+    print(f"\nCLOSE - vanilla, paired by seed ({len(pairs)} pair{'s' * (len(pairs) > 1)}, the "
+          f"same other options):")
+    print_differences(pairs, PAIRED_METRICS + ("found CIFAR-10",), final)
+    epochs = sorted({p["epoch"] for pair in pairs.values() for run in pair for p in run["curve"]})
+    for metric in ("kendall_tau", "P@top5%") if epochs else ():
+        print(f"\nCLOSE - vanilla {metric} during training, paired by seed:")
+        print_differences(pairs, epochs, lambda run: [
+            next((p[metric] for p in run["curve"] if p["epoch"] == e), np.nan) for e in epochs])
+    if len(pairs) < 3:
+        print("(fewer than 3 pairs: the mean, sd and p say nothing yet)")
+
+
+def print_differences(pairs, rows, values):
+    """A column per seed of CLOSE - vanilla in each row (values(run) gives the run's row values),
+    then their mean, sd and paired t-test p over the seeds that have the row."""
+    vanilla, closenet = (np.array([values(pair[side]) for pair in pairs.values()], dtype=float)
+                         for side in (0, 1))
+    differences = closenet - vanilla  # (pairs, rows), NaN where a run has no value
+    columns = [(f"seed {seed}", row) for seed, row in zip(pairs, differences)]
+    with warnings.catch_warnings():  # NaN where a row has too few pairs
+        warnings.simplefilter("ignore")
+        columns += [("mean", np.nanmean(differences, 0))]
+        if len(pairs) > 1:
+            columns += [("sd", np.nanstd(differences, 0, ddof=1)),
+                        ("p", scipy.stats.ttest_rel(closenet, vanilla, nan_policy="omit").pvalue)]
+    form = {"sd": "{:.3f}", "p": "{:.3f}"}
+    print_table("epoch" if isinstance(rows[0], int) else "", rows, [
+        (name, {row: None if np.isnan(v) else form.get(name, "{:+.3f}").format(v)
+                for row, v in zip(rows, values)}) for name, values in columns])
+
+
+def pyplot():
     try:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
     plt.switch_backend("Agg")
+    return plt
+
+
+def draw_curves(axes, runs, names):
+    """Each of `names` by epoch in a panel of its own: each kind's mean over its runs (several
+    runs: each faint behind), the curriculum's growths marked."""
+    for axis, name in zip(axes, names):
+        for color, kind, baseline in (("C0", "vanilla", True), ("C1", "CLOSE", False)):
+            curves = [{p["epoch"]: np.nan if p[name] is None else p[name] for p in run["curve"]}
+                      for run in runs if run["config"]["baseline"] is baseline]
+            for curve in curves if len(curves) > 1 else ():
+                axis.plot(list(curve), list(curve.values()), color=color, alpha=0.25)
+            if epochs := sorted(set.intersection(*map(set, curves))) if curves else []:
+                axis.plot(epochs, [np.mean([c[e] for c in curves]) for e in epochs], "o-",
+                          color=color, label=kind + f", mean of {len(curves)}" * (len(curves) > 1))
+        if cfg := next((run["config"] for run in runs if not run["config"]["baseline"]), None):
+            for level in range(2, cfg["blocks"] + 1):  # as in curriculum_level
+                epoch = math.ceil((level - 1) * cfg["epochs"] / cfg["blocks"])
+                axis.axvline(epoch, color="gray", linestyle=":")
+                axis.annotate(f"level {level}", (epoch, 0), xycoords=("data", "axes fraction"))
+        axis.set(xlabel="epochs trained", ylabel=name)
+        axis.legend()
+
+
+def plot_run(out):
+    """ranking.png: one-shot vs NB201 accuracy (without --nb201, how the one-shot scores spread),
+    then the curve: Kendall tau and P@top5% (or mean one-shot accuracy) by epoch."""
+    plt, run = pyplot(), finished_run(out)
+    names = () if not run["curve"] else ("kendall_tau", "P@top5%") if run["ranking"] else (
+        "mean_oneshot_accuracy",)
+    figure, axes = plt.subplots(1, 1 + len(names), figsize=(5.5 + 5 * len(names), 4.5),
+                                squeeze=False)
     scores = list(csv.DictReader(open(out / "scores.csv")))
     oneshot = [float(row["oneshot_accuracy"]) for row in scores]
-    figure, axes = plt.subplots(figsize=(6, 4.5))
     if all(row["nb201_accuracy"] for row in scores):
-        axes.scatter([float(row["nb201_accuracy"]) for row in scores], oneshot, s=8)
-        axes.set(xlabel="NB201 CIFAR-10 accuracy (%)", ylabel="one-shot accuracy (%)")
+        axes[0, 0].scatter([float(row["nb201_accuracy"]) for row in scores], oneshot, s=8)
+        axes[0, 0].set(xlabel="NB201 CIFAR-10 accuracy (%)", ylabel="one-shot accuracy (%)")
     else:
-        axes.hist(oneshot, bins=30)
-        axes.set(xlabel="one-shot accuracy (%)", ylabel="archs")
-    axes.set_title(out.name)
+        axes[0, 0].hist(oneshot, bins=30)
+        axes[0, 0].set(xlabel="one-shot accuracy (%)", ylabel="archs")
+    axes[0, 0].set_title(out.name)
+    draw_curves(axes[0, 1:], [run], names)
     figure.savefig(out / "ranking.png", dpi=120, bbox_inches="tight")
     plt.close(figure)
 
 
+PICTURE_MARK = "close.py --compare"
+
+
+def plot_comparison(runs, names):
+    """--compare's curves into compare.png beside the runs, or compare-N.png where a file that
+    close.py did not write is in the way."""
+    plt = pyplot()
+    figure, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
+    draw_curves(axes[0], runs, names)
+    folder = Path(os.path.commonpath([run["folder"].resolve().parent for run in runs]))
+    for n in itertools.count(1):
+        path = folder / ("compare.png" if n == 1 else f"compare-{n}.png")
+        if not path.exists() or PICTURE_MARK.encode() in path.read_bytes():
+            break
+    figure.savefig(path, dpi=120, bbox_inches="tight", metadata={"Software": PICTURE_MARK})
+    plt.close(figure)
+    return path
+
+
 def benchmark(cfg, steps, rounds=5):
     """ms per training step, vanilla vs CLOSENet at each level (the same 8 archs and batch), and s
-    per arch scoring 40 batches (vanilla, last level): medians of 5 rounds by torch.utils.benchmark,
-    the configurations in turn in each."""
+    per arch scoring 40 batches (vanilla, last level): medians of 5 rounds taking turns."""
     from torch.utils.benchmark import Measurement, Timer
     device = use_machine(cfg)
     torch.manual_seed(cfg.seed)
-    with_weights = [arch for arch in unique_archs() if routed_edges(arch)]
-    archs = itertools.cycle(random.Random(0).sample(with_weights, 8))
+    archs = itertools.cycle(random.Random(0).sample(
+        [arch for arch in unique_archs() if routed_edges(arch)], 8))
     data = synthetic_dataset(cfg.batch_size, 40 * cfg.batch_size, seed=cfg.seed).to(device)
     images, heldout = (normalize(x).contiguous(memory_format=MEMORY_FORMAT)
                        for x in (data.train_images, data.heldout_images))
@@ -1460,13 +1713,17 @@ def benchmark(cfg, steps, rounds=5):
     measurements = [Timer("call()", globals={"call": call}, label=key,
                           num_threads=torch.get_num_threads()).timeit(number)
                     for _ in range(rounds) for key, (number, call) in calls.items()]
+    return report_benchmark(Measurement.merge(measurements), cfg, device, len(heldout))
+
+
+def report_benchmark(measurements, cfg, device, score_images):
     results = {"device": str(device), "torch": torch.__version__, "batch_size": cfg.batch_size,
-               "score_images": len(data.heldout_labels)}
-    for measurement in Measurement.merge(measurements):
+               "score_images": score_images, "precision": str(precision(device))[6:]}
+    for measurement in measurements:
         key, median, iqr = measurement.label, measurement.median, measurement.iqr
         if key.endswith("_score"):
             results.update({f"{key}_s_per_arch": median, f"{key}_iqr_s": iqr})
-            print(f"{key:19s}{median:7.3f} s per arch (IQR {iqr:.3f}) on {len(heldout):,} images")
+            print(f"{key:19s}{median:7.3f} s per arch (IQR {iqr:.3f}) on {score_images:,} images")
         else:
             ratio = 1000 * median / results.setdefault("vanilla_ms_per_step", 1000 * median)
             results.update({f"{key}_ms_per_step": 1000 * median, f"{key}_iqr_ms": 1000 * iqr,
@@ -1475,7 +1732,8 @@ def benchmark(cfg, steps, rounds=5):
                   f"{ratio:.2f}x vanilla")
     (out := Path(cfg.out or "runs")).mkdir(parents=True, exist_ok=True)
     write_atomic(out / "benchmark.json", json.dumps(results, indent=2))
-    print(f"{device}, batch {cfg.batch_size}: written to {out / 'benchmark.json'}")
+    print(f"{device}, batch {cfg.batch_size}, {results['precision']}: written to "
+          f"{out / 'benchmark.json'}")
     return results
 
 
@@ -1502,7 +1760,8 @@ def parse_args(argv=None):
     for flag, text, kind in (
             ("--resume", "continue the run in --out with its options", {"action": "store_true"}),
             ("--load", "no training: score and search the supernet in CKPT", {"metavar": "CKPT"}),
-            ("--compare", "print finished runs' metrics side by side", {"nargs": "+"}),
+            ("--compare", "print finished runs' metrics and curves side by side, CLOSE - "
+             "vanilla paired by seed", {"nargs": "+"}),
             ("--plot", "draw RUN/ranking.png (needs matplotlib)", {"metavar": "RUN"}),
             ("--benchmark", "time training steps, vanilla and CLOSENet at each level, and "
              "scoring", {"action": "store_true"}),
@@ -1520,9 +1779,7 @@ def main(argv=None):
     try:
         cfg, args, given = parse_args(argv)
         if args.compare:
-            runs = [finished_run(folder) for folder in args.compare]
-            print_metrics_table(runs)
-            print_paired_differences(runs)
+            compare([finished_run(folder) for folder in args.compare])
         elif args.plot:
             finished_run(args.plot)  # or a one-line error
             plot_run(Path(args.plot))
@@ -1534,9 +1791,9 @@ def main(argv=None):
     except UsageError as error:
         print(f"close.py: error: {error}", file=sys.stderr if RANK == 0 else sys.stdout)
         return 2
-    except (Interrupted, KeyboardInterrupt) as error:
+    except (RunError, Interrupted, KeyboardInterrupt) as error:
         print(f"close.py: {error or 'interrupted'}", file=sys.stderr if RANK == 0 else sys.stdout)
-        return 130
+        return 1 if isinstance(error, RunError) else 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -6,8 +6,11 @@ Run with `python -m pytest -q test_close.py`. The core runs on synthetic data; t
 
 import bz2
 import csv
+import contextlib
 import dataclasses
 import importlib.util
+import io
+import itertools
 import json
 import os
 import pickle
@@ -16,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import types
 import zipfile
 from pathlib import Path
 
@@ -39,7 +43,7 @@ BEST_CIFAR10 = (  # index 6111, NB201's best on CIFAR-10
     "+|skip_connect~0|nor_conv_3x3~1|nor_conv_1x1~2|"
 )
 # The smallest runs that still exercise everything: 2 training steps per epoch, 12 archs scored on
-# 128 images.
+# 64 images, 6 archs tracked on 64.
 TINY = [
     "--data",
     "synthetic",
@@ -50,9 +54,9 @@ TINY = [
     "--channels",
     "4",
     "--batch-size",
-    "128",
+    "64",
     "--train-subset",
-    "256",
+    "128",
     "--eval-archs",
     "12",
     "--eval-batches",
@@ -63,6 +67,10 @@ TINY = [
     "6",
     "--tournament",
     "3",
+    "--track-archs",
+    "6",
+    "--track-batches",
+    "1",
 ]
 
 
@@ -75,10 +83,11 @@ def shared_file(name):
     return path
 
 
-def error_line(capsys, argv):
-    code = close.main(argv)
+def error_line(capsys, argv, code=2):
+    """The one line that close.main(argv) prints on stderr, exiting with `code`."""
+    returned = close.main(argv)
     err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err
+    assert returned == code and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
     return err
 
@@ -314,7 +323,7 @@ def gated_assignment(model, arch):
     """The GATE's straight-through assignment, also at level 1 (where the model skips the gate)."""
     logits = model.gate_logits(arch)
     gate = F.gumbel_softmax(logits, tau=close.GUMBEL_TEMPERATURE, hard=True)
-    return close.SharingAssignment(blocks=gate.argmax(-1), gate=gate)
+    return close.SharingAssignment(gate=gate, chosen=gate.argmax(-1))
 
 
 def loss_and_grads(model, images, labels, arch, assignment):
@@ -446,11 +455,11 @@ def test_gate_is_hard_in_forward_and_only_chosen_blocks_get_gradient():
         gate = assignment.gate
         assert gate.shape == (6, 4)
         assert ((gate == 0).sum(-1) == 3).all() and torch.allclose(gate.sum(-1), torch.ones(6))
-        assert torch.equal(gate.argmax(-1), assignment.blocks)
+        assert torch.equal(gate.argmax(-1), assignment.chosen) and assignment.blocks is None
         _, grads = loss_and_grads(model, images, labels, arch, assignment)
         used = {
             (close.CONV3X3 if op == close.CONV3X3 else close.CONV1X1, b)
-            for op, b in zip(arch, assignment.blocks.tolist())
+            for op, b in zip(arch, assignment.chosen.tolist())
         }
         for c, cell in enumerate(model.cells()):
             for b in range(5):
@@ -462,12 +471,27 @@ def test_gate_is_hard_in_forward_and_only_chosen_blocks_get_gradient():
         assert any(grads[n].any() for n in grads if n.startswith("gate."))
 
 
-def test_scoring_is_deterministic_argmax_and_uses_batch_statistics():
-    torch.manual_seed(0)
+def test_scoring_uses_the_eval_gate_and_seed_it_is_given_and_batch_statistics():
+    """Oracle: the forward pass on the assignment that eval_gate and seed pick, written out."""
+    model = float64_model(False, 3)
+    images, labels = (t.double() if t.is_floating_point() else t for t in small_batch(16))
+    gates, losses = (("argmax", 0), ("sample", 0), ("sample", 3)), []
+    for arch in AWKWARD_ARCHS[:1] + AWKWARD_ARCHS[5:]:
+        for gate, seed in gates:
+            with torch.no_grad(), close.evaluating(model):
+                logits = model(images, arch, model.sharing_assignment(arch, gate, seed))
+            expected = (
+                ((logits.argmax(1) == labels).double().mean() * 100).item(),
+                F.cross_entropy(logits, labels).item(),
+            )
+            scored = close.score_arch(model, arch, images, labels, 16, gate, seed)
+            assert scored == pytest.approx(expected, rel=0, abs=1e-12), (arch, gate, seed)
+            losses.append(expected[1])
+    # each pick scores differently on some arch: a score that ignored the pick would show
+    by_gate = [losses[i::3] for i in range(3)]
+    assert by_gate[0] != by_gate[1] != by_gate[2] != by_gate[0]
     model = grown(close.CLOSENet(channels=4, cells=1, num_blocks=3), 3)
     images, labels = small_batch(16)
-    first = close.score_arch(model, (3, 2, 1, 3, 4, 2), images, labels, batch_size=8)
-    assert first == close.score_arch(model, (3, 2, 1, 3, 4, 2), images, labels, batch_size=8)
     model.eval()
     assert model.sharing_assignment((3,) * 6).gate is None
     # batch statistics: an image's logits depend on the other images in its batch (no running
@@ -507,6 +531,29 @@ def test_scoring_in_one_pass_equals_the_per_batch_loop_in_float64(baseline, leve
             assert all(abs(a - b) < 1e-12 for a, b in zip(scored, expected)), arch
     with pytest.raises(ValueError, match="must be 0 or a multiple of the batch size"):
         close.score_arch(model, arch, images, labels, 16, images_per_pass=24)
+
+
+def test_a_scoring_pass_out_of_gpu_memory_is_halved_and_scores_the_same(monkeypatch):
+    model = float64_model(True, 6)
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(70, 3, 32, 32, dtype=torch.float64, generator=generator)
+    labels = torch.randint(10, (70,), generator=generator)
+    expected = close.score_arch(model, AWKWARD_ARCHS[0], images, labels, 8, images_per_pass=16)
+    real_forward, tried, fits = model.forward, [], 16
+
+    def forward(images, *args):
+        tried.append(len(images))
+        if len(images) > fits:  # as CUDA's allocator would
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_forward(images, *args)
+
+    monkeypatch.setattr(model, "forward", forward)
+    scored = close.score_arch(model, AWKWARD_ARCHS[0], images, labels, 8, images_per_pass=40)
+    # 5 batches do not fit, 2 (half, in whole batches) do; the last, smaller batch alone
+    assert tried == [40, 16, 16, 16, 16, 6] and scored == expected
+    fits = 4  # not even one batch
+    with pytest.raises(torch.OutOfMemoryError):
+        close.score_arch(model, AWKWARD_ARCHS[0], images, labels, 8, images_per_pass=64)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA here")
@@ -556,7 +603,7 @@ def test_gate_input_is_built_from_any_form_of_the_arch():
     many = model.gate_logits([arch, (0,) * 6, BEST_CIFAR10])
     assert many.shape == (3, 6, 3) and torch.equal(many[0], many[2])
     assert torch.allclose(many[0], one, rtol=1e-5, atol=1e-7)  # batched: rounding may differ
-    assert torch.equal(model.gate_logits(torch.tensor([arch, (0,) * 6])), many[:2])
+    assert torch.equal(model.gate_logits([torch.tensor(arch), np.zeros(6, int)]), many[:2])
     for bad in (
         (3, 3, 3),
         torch.tensor([3, 3, 3]),
@@ -564,8 +611,6 @@ def test_gate_input_is_built_from_any_form_of_the_arch():
         torch.tensor(arch).float(),
         torch.tensor(arch) > 0,
         torch.zeros(2, 2, 6, dtype=torch.long),
-        torch.zeros(0, 6, dtype=torch.long),
-        [],
     ):
         with pytest.raises(ValueError, match="not an NB201 architecture"):
             model.gate_logits(bad)
@@ -617,7 +662,7 @@ def trained_between_growths(levels=(2, 3, 4)):
     """Yield (model, level, outputs before the growth) with a little training between growths,
     so the blocks differ."""
     torch.manual_seed(0)
-    model = close.CLOSENet(channels=4, cells=1, num_blocks=4)
+    model = close.CLOSENet(channels=4, cells=2, num_blocks=4)
     optimizer, _ = close.make_optimizer(model, close.Config())
     images, labels = small_batch()
     archs = close.unique_archs()[::700]
@@ -630,8 +675,11 @@ def trained_between_growths(levels=(2, 3, 4)):
             for b in range(level - 1)
         }
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        fresh = [p.clone() for p in model.cells()[0].glow_blocks[level - 1].parameters()]
-        fresh_row = model.gate.mlp[-1].weight[level - 1].clone()
+        fresh = [
+            [p.clone() for p in cell.glow_blocks[level - 1].parameters()] for cell in model.cells()
+        ]
+        last = model.gate.mlp[-1]
+        fresh_rows = [last.weight[level - 1].clone(), last.bias[level - 1].clone()]
         close.add_glow_block(model)
         assert model.level == level
         assert {
@@ -642,20 +690,21 @@ def trained_between_growths(levels=(2, 3, 4)):
                 torch.equal(model(images, arch, close.SharingAssignment([b] * 6)), out)
                 for arch, out in zip(archs, before[b])
             )
-        yield model, level, fresh, fresh_row
+        yield model, level, fresh, fresh_rows
 
 
 def test_official_growth_adds_the_parent_to_the_fresh_init():
-    for model, level, fresh, fresh_row in trained_between_growths():
-        cell = model.cells()[0]
-        parent = cell.glow_blocks[level - 2].parameters()
-        assert all(
-            torch.allclose(new, f + p)
-            for new, f, p in zip(cell.glow_blocks[level - 1].parameters(), fresh, parent)
-        )
-        # the GATE grows its own logit row: its init plus the parent's row
+    for model, level, fresh, fresh_rows in trained_between_growths():
+        assert len(model.cells()) == len(fresh) == 6
+        for cell, fresh_block in zip(model.cells(), fresh):  # in every cell
+            parent = cell.glow_blocks[level - 2].parameters()
+            new = cell.glow_blocks[level - 1].parameters()
+            assert all(torch.allclose(n, f + p) for n, f, p in zip(new, fresh_block, parent))
+        # the GATE grows its own logit row, weights and bias: its init plus the parent's row
         last = model.gate.mlp[-1]
-        assert torch.allclose(last.weight[level - 1], fresh_row + last.weight[level - 2])
+        for row, fresh_row in zip((last.weight, last.bias), fresh_rows):
+            assert torch.allclose(row[level - 1], fresh_row + row[level - 2])
+            assert not torch.allclose(row[level - 1], fresh_row)
 
 
 def test_growth_gives_the_gate_a_gradient_where_twins_would_not():
@@ -792,6 +841,39 @@ def test_train_step_is_the_official_step_bit_for_bit():
     assert not all(torch.equal(a, b) for a, b in zip(train(2, False), other))
 
 
+def test_train_step_clips_the_gradient_norm():
+    model = grown(close.CLOSENet(channels=4, cells=1, num_blocks=3), 2)
+    optimizer, _ = close.make_optimizer(model, close.Config())
+    images, labels = small_batch()
+    close.train_step(model, optimizer, images, labels, (3, 2, 1, 3, 4, 2), grad_clip=0.01)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])) == pytest.approx(0.01)
+
+
+def test_train_restarts_the_learning_rate_and_momentum_at_40_percent(monkeypatch):
+    """Officially at epoch 401 of 1,000: a new optimizer (lr back to --lr, no momentum) and a new
+    plateau schedule; no other growth restarts."""
+    cfg = close.Config(epochs=10, blocks=5)
+    model = close.CLOSENet(channels=4, cells=1, num_blocks=5)
+    state = close.TrainingState(*close.make_optimizer(model, cfg))
+    seen = []
+
+    def one_pass(model, optimizer, data, cfg):  # as if the plateau had cut lr, with momentum
+        seen.append((optimizer, optimizer.param_groups[0]["lr"], len(optimizer.state)))
+        optimizer.param_groups[0]["lr"] /= 4
+        optimizer.state[next(model.parameters())]["momentum_buffer"] = torch.ones(1)
+        return {"losses": torch.ones(1), "correct": torch.zeros(()), "images": 1}
+
+    monkeypatch.setattr(close, "train_epoch", one_pass)
+    close.train(model, None, cfg, state)
+    restart = close.restart_epoch(cfg)
+    assert restart == 4 and len(seen) == 10
+    new = [e for e in range(1, 10) if seen[e][0] is not seen[e - 1][0]]
+    assert new == [restart] and seen[restart][1:] == (cfg.lr, 0)
+    assert all(lr < cfg.lr for _, lr, _ in seen[1:restart] + seen[restart + 1 :])
+    assert state.optimizer is seen[-1][0] and state.scheduler.optimizer is state.optimizer
+
+
 def test_train_step_takes_an_arch_as_a_tensor_of_its_ops():
     images, labels = (t.double() if t.is_floating_point() else t for t in small_batch(8))
     weights = []
@@ -807,6 +889,26 @@ def test_train_step_takes_an_arch_as_a_tensor_of_its_ops():
 # ---------------------------------------------------------------------------------------------
 # 6. Evaluation: the GATE's health, block preference, ranking metrics
 # ---------------------------------------------------------------------------------------------
+def test_arch_subsets_are_drawn_by_their_seed():
+    subset = close.seeded_archs(6, 3)
+    assert subset == close.seeded_archs(6, 3) != close.seeded_archs(6, 4)
+    assert len(set(subset)) == 6 and set(subset) <= set(close.unique_archs())
+    assert close.seeded_archs(0, 3) == close.seeded_archs(7000, 3) == close.unique_archs()
+
+
+def test_bf16_only_where_the_gpu_has_it_natively(monkeypatch):
+    for capability, precision in (
+        ((7, 5), torch.float32),
+        ((8, 0), torch.bfloat16),
+        ((9, 0), torch.bfloat16),
+        ((6, 1), torch.float32),
+    ):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+        assert close.precision(torch.device("cuda:0")) == precision, capability
+    assert close.precision(torch.device("cpu")) == torch.float32
+    assert not close.autocast(torch.device("cpu"))._enabled
+
+
 def test_gate_health_on_a_hand_built_gate(monkeypatch):
     model = grown(close.CLOSENet(channels=4, cells=1, num_blocks=3), 3)
     # the last has no live parameterised edge (0->1 is dead)
@@ -838,21 +940,49 @@ def test_gate_health_on_a_hand_built_gate(monkeypatch):
     ]
 
 
-def test_correlations_equal_scipy():
+def test_correlations_by_counting_pairs_and_average_ranks():
+    """Independent oracles: Kendall tau-b from concordant and discordant pairs, Spearman as the
+    Pearson correlation of average ranks, Pearson from its formula; ties on both sides."""
     rng = np.random.default_rng(0)
-    truth = rng.normal(size=200)
-    predicted = truth + rng.normal(size=200)
-    predicted[:20] = predicted[0]  # ties: tau-b
+    truth = rng.normal(size=120).round(1)  # ties in the truth too
+    predicted = truth + rng.normal(size=120)
+    predicted[:20] = predicted[0]
+    i, j = np.triu_indices(len(truth), 1)
+    dx, dy = np.sign(predicted[i] - predicted[j]), np.sign(truth[i] - truth[j])
+    pairs = len(i)
+    tau_b = (np.sum(dx * dy > 0) - np.sum(dx * dy < 0)) / np.sqrt(
+        (pairs - np.sum(dx == 0)) * (pairs - np.sum(dy == 0))
+    )
+
+    def average_ranks(x):
+        return np.array([np.sum(x < v) + (np.sum(x == v) + 1) / 2 for v in x])
+
+    def pearson(x, y):
+        x, y = x - x.mean(), y - y.mean()
+        return np.sum(x * y) / np.sqrt(np.sum(x * x) * np.sum(y * y))
+
     metrics = close.ranking_metrics(predicted, truth)
-    assert metrics["kendall_tau"] == pytest.approx(
-        scipy.stats.kendalltau(predicted, truth, variant="b").statistic, abs=1e-12
-    )
-    assert metrics["spearman"] == pytest.approx(
-        scipy.stats.spearmanr(predicted, truth).statistic, abs=1e-12
-    )
-    assert metrics["pearson"] == pytest.approx(
-        scipy.stats.pearsonr(predicted, truth).statistic, abs=1e-12
-    )
+    assert np.sum(dy == 0) > 0 and np.sum(dx == 0) > 0
+    assert metrics["kendall_tau"] == pytest.approx(tau_b, abs=1e-12)
+    spearman = pearson(average_ranks(predicted), average_ranks(truth))
+    assert metrics["spearman"] == pytest.approx(spearman, abs=1e-12)
+    assert metrics["pearson"] == pytest.approx(pearson(predicted, truth), abs=1e-12)
+
+
+def test_ranks_precision_and_best_worst_rank_with_ties_in_the_truth_by_hand():
+    assert close.descending_ranks([3, 5, 5, 1]).tolist() == [2, 0, 0, 3]  # ties share the best
+    truth = [90, 90, 80, 70, 70, 70, 60, 50, 40, 30]  # true ranks 0, 0, 2, 3, 3, 3, 6, 7, 8, 9
+    predicted = [1, 10, 2, 9, 8, 7, 6, 5, 4, 3]  # order: archs 1, 3, 4, 5, 6, 7, 8, 9, 2, 0
+    m = close.ranking_metrics(predicted, truth, ratios=(0.1, 0.2, 0.5))
+    # top-1: arch 1, tied first: in the true top 1
+    assert m["P@top10%"] == 1 and m["BR@10%"] == 1 and m["WR@10%"] == 1
+    # {1, 3}: true ranks 0 and 3, one of them under 2
+    assert m["P@top20%"] == 0.5 and m["BR@20%"] == 1 and m["WR@20%"] == 4
+    # {1, 3, 4, 5, 6}: true ranks 0, 3, 3, 3, 6: four under 5
+    assert m["P@top50%"] == 0.8 and m["BR@50%"] == 1 and m["WR@50%"] == 7
+    # ranks from the bottom: archs 9, 8, 7, 6 -> 0-3, archs 3, 4, 5 -> 4, arch 2 -> 7, 0 and 1 -> 8
+    # predicted bottom: {0, 2} -> 8, 7: none; {0, 2, 9, 8, 7} -> 8, 7, 0, 1, 2: three under 5
+    assert m["P@bottom20%"] == 0 and m["P@bottom50%"] == 0.6
 
 
 def test_perfect_and_reversed_rankings():
@@ -890,14 +1020,33 @@ def test_ranking_metrics_reject_nan():
         close.ranking_metrics([1.0, 2.0, 3.0], [1.0, float("nan"), 3.0])
 
 
-def test_nb201_table_has_6466_isomorphism_groups():
+def test_nb201_truth_is_the_mean_of_each_class_by_hand():
     nb201_csv = shared_file("nb201_test_accuracy.csv")
-    table = nb.load(nb201_csv)
-    groups = table.group_accuracies(lambda text: close.canonical(close.str_to_arch(text)))
-    assert len(groups) == 6466 and set(groups) == set(close.unique_archs())
-    assert max(groups.values()) == pytest.approx(94.37, abs=0.005)
+    table = {row["arch"]: float(row["cifar10"]) for row in csv.DictReader(open(nb201_csv))}
     truth = close.load_ground_truth(str(nb201_csv))
-    assert {arch: truth.accuracy["cifar10"][arch] for arch in close.unique_archs()} == groups
+    # One class worked out by hand from NB201's rule: node 3 = conv1x1(x) + two zeros. Nothing
+    # from node 2 (two terms: never exactly zero); conv1x1 from the input and nothing from node 1
+    # (no op, or node 1 zero), or conv1x1 through node 1 (skip then conv1x1, or the reverse).
+    c1, skip, none = close.CONV1X1, close.SKIP, close.NONE
+    members = [
+        a
+        for a in close.ALL_ARCHS
+        if a[5] == none
+        and (
+            a[3] == c1
+            and none in (a[0], a[4])
+            or a[3] == none
+            and (a[0], a[4]) in ((skip, c1), (c1, skip))
+        )
+    ]
+    mean = np.mean([table[close.arch_to_str(a)] for a in members])
+    assert len(members) == 275 and all(
+        truth.accuracy["cifar10"][a] == pytest.approx(mean, abs=1e-9) for a in members
+    )
+    assert len({truth.rank["cifar10"][a] for a in members}) == 1
+    # NB201's best (index 6111), a class of its own: 94.37%, rank 1
+    assert truth.accuracy["cifar10"][close.str_to_arch(BEST_CIFAR10)] == table[BEST_CIFAR10]
+    assert table[BEST_CIFAR10] == pytest.approx(94.37, abs=0.005)
     assert truth.rank["cifar10"][close.str_to_arch(BEST_CIFAR10)] == 1
     assert set(truth.accuracy) == set(truth.rank) == {"cifar10", "cifar100", "ImageNet16-120"}
     for dataset, ranks in truth.rank.items():  # each dataset ranks the 6,466 classes itself
@@ -982,39 +1131,139 @@ def test_evolution_beats_random_search_on_the_nb201_table():
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. Runs: end to end, resume, outputs, bad input
+# The method copied out whole: the top of close.py with sections 1-7, nothing of 8 and 9
+# ---------------------------------------------------------------------------------------------
+def close_sections(*numbers):
+    """The top of close.py (imports, Config, the recipe's constants) and the sections `numbers`,
+    cut out of the file by their headings."""
+    top, *sections = re.split(r"(?m)^(?=# -+\n# \d+\. )", (ROOT / "close.py").read_text())
+    by_number = {int(re.search(r"# (\d+)\. ", text).group(1)): text for text in sections}
+    assert sorted(by_number) == list(range(1, 10))
+    return top + "".join(by_number[n] for n in numbers)
+
+
+def fresh_module(source, monkeypatch):
+    module = types.ModuleType("close_copy")
+    monkeypatch.setitem(sys.modules, "close_copy", module)  # where dataclasses look
+    exec(compile(source, "close_copy.py", "exec"), module.__dict__)
+    return module
+
+
+def test_the_top_with_sections_1_and_3_alone_builds_a_closenet_that_trains_at_every_level(
+    monkeypatch,
+):
+    copy = fresh_module(close_sections(1, 3), monkeypatch)
+    assert not hasattr(copy, "add_glow_block") and not hasattr(copy, "train")
+    torch.manual_seed(0)
+    images, labels = small_batch()
+    for model in (copy.CLOSENet(4, 1, num_blocks=3), copy.CLOSENet(4, 1, baseline=True)):
+        for level in (1, 2, 3) if model.gate else (6,):
+            model.level = level
+            model.zero_grad(set_to_none=True)
+            with copy.autocast(images.device):
+                F.cross_entropy(model.train()(images, BEST_CIFAR10), labels).backward()
+            grads = [b.conv3x3.weight.grad for b in model.cells()[0].glow_blocks[:level]]
+            assert any(g is not None and g.any() for g in grads)
+            if model.gate:  # the GATE takes part from level 2 on
+                gate = [p.grad for p in model.gate.parameters() if p.grad is not None]
+                assert any(g.any() for g in gate) == (level > 1)
+            model.eval()(images, BEST_CIFAR10)  # scoring's draw per arch
+
+
+def test_the_top_with_sections_1_to_7_runs_the_papers_loop_end_to_end(monkeypatch, capsys):
+    copy = fresh_module(close_sections(1, 2, 3, 4, 5, 6, 7), monkeypatch)
+    clock = itertools.count(0, 61)  # a minute passes at every look at the clock
+    copy.time = types.SimpleNamespace(monotonic=lambda: next(clock))
+    cfg = copy.Config(
+        data="synthetic",
+        channels=4,
+        cells=1,
+        blocks=3,
+        epochs=3,
+        batch_size=64,
+        search_budget=12,
+        population=4,
+        tournament=2,
+    )
+    data = copy.synthetic_dataset(train=128, heldout=128)
+    model = copy.build_model(cfg, data.num_classes, torch.device("cpu"))
+    state = copy.TrainingState(*copy.make_optimizer(model, cfg))
+    levels = []
+    copy.train(model, data, cfg, state, lambda finished: levels.append(model.level))
+    assert levels == [1, 2, 3] and state.epoch == 3  # every growth
+    assert "steps: 1/2" in capsys.readouterr().out  # the progress line
+    images, labels = copy.heldout_set(data, cfg)
+    archs = copy.seeded_archs(16, cfg.eval_seed)
+    scores = {arch: copy.score_arch(model, arch, images, labels, cfg.batch_size) for arch in archs}
+    truth = [sum(op in (close.CONV1X1, close.CONV3X3) for op in arch) for arch in archs]
+    ranking = copy.ranking_metrics([scores[arch][0] for arch in archs], truth)
+    assert -1 <= ranking["kendall_tau"] <= 1
+    found = copy.search_with_supernet(model, images, labels, cfg, dict(scores))
+    assert found["best"] in copy.unique_archs() and found["unique_evaluated"] <= 12
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Runs: end to end, the curve, resume, outputs, bad input
 # ---------------------------------------------------------------------------------------------
 def fake_nb201_csv(path, datasets=("cifar10",)):
     """A made-up table over all 15,625 archs (not NB201's numbers): accuracy grows with conv ops,
     and differs between datasets by the op on one edge."""
     convs = np.array([sum(op in (2, 3) for op in a) for a in close.ALL_ARCHS])
-    columns = {d: 50 - 10 * i + 5 * convs + np.array([a[i] for a in close.ALL_ARCHS])
-               for i, d in enumerate(datasets)}
+    columns = {
+        d: 50 - 10 * i + 5 * convs + np.array([a[i] for a in close.ALL_ARCHS])
+        for i, d in enumerate(datasets)
+    }
     nb.NB201([close.arch_to_str(a) for a in close.ALL_ARCHS], columns).save_csv(path)
     return path
 
 
+@pytest.fixture(scope="module")
+def fake_nb201(tmp_path_factory):
+    return fake_nb201_csv(tmp_path_factory.mktemp("nb201") / "fake.csv", close.NB201_DATASETS)
+
+
+def quietly(argv):
+    """close.main(argv) and what it printed."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = close.main(argv)
+    return code, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, fake_nb201):
+    """One finished run, 2 epochs and 2 blocks, with --nb201, --eval-seed 3 and a curve point
+    after each epoch, for the tests that read a run (a test that changes it works on a copy);
+    and its output."""
+    out = tmp_path_factory.mktemp("finished") / "a-run-with-a-rather-long-folder-name"
+    argv = TINY + ["--epochs", "2", "--blocks", "2", "--nb201", str(fake_nb201), "--out", str(out)]
+    code, printed = quietly(argv + ["--eval-seed", "3"])
+    assert code == 0, printed
+    return out, printed
+
+
+def copied(run, tmp_path):
+    return Path(shutil.copytree(run, tmp_path / run.name))
+
+
 def run_rows(out):
+    """log.csv (timings aside), scores.csv, the curve (timings aside) and the checkpoint."""
     log = [
         {k: v for k, v in row.items() if k not in ("seconds", "images_per_s")}
         for row in csv.DictReader(open(out / "log.csv"))
     ]
+    curve = [{k: v for k, v in row.items() if k != "seconds"} for row in close.read_curve(out)]
     return (
         log,
         (out / "scores.csv").read_text(),
+        curve,
+        (out / "curve_scores.csv").read_text() if curve else None,
         torch.load(out / "checkpoint.pt", weights_only=True),
     )
 
 
-def test_end_to_end_run_writes_every_output(tmp_path, capsys):
-    out = tmp_path / "run"
-    nb201 = fake_nb201_csv(tmp_path / "fake.csv")
-    assert (
-        close.main(
-            TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out), "--nb201", str(nb201)]
-        )
-        == 0
-    )
+def test_end_to_end_run_writes_every_output(finished_run):
+    out, printed = finished_run
     for name in (
         "config.json",
         "log.csv",
@@ -1022,20 +1271,17 @@ def test_end_to_end_run_writes_every_output(tmp_path, capsys):
         "scores.csv",
         "metrics.json",
         "search.json",
+        "curve.csv",
+        "curve_scores.csv",
     ):
         assert (out / name).exists(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["ranking"]["n"] == 12 and -1 <= metrics["ranking"]["kendall_tau"] <= 1
     assert set(metrics["times"]) == {"data_s", "train_s", "score_s", "search_s"}
+    assert metrics["precision"] == "float32" and metrics["device"] == "cpu"
     with open(out / "scores.csv") as file:
         rows = list(csv.DictReader(file))
-    live_conv_edges = sum(
-        live and op in (2, 3)
-        for row in rows
-        for live, op in zip(
-            close.live_edges(close.str_to_arch(row["arch"])), close.str_to_arch(row["arch"])
-        )
-    )
+    live_conv_edges = sum(len(close.routed_edges(row["arch"])) for row in rows)
     assert (
         len(metrics["scoring_edges_per_block"]) == 2
         and sum(metrics["scoring_edges_per_block"]) == live_conv_edges
@@ -1049,23 +1295,76 @@ def test_end_to_end_run_writes_every_output(tmp_path, capsys):
     assert [row["level"] for row in log] == ["1", "2"]
     search = json.loads((out / "search.json").read_text())
     assert search["budget"] == 16 and search["strategy"] == "evolution"
-    assert set(search["best"]["nb201"]) == {"cifar10"}  # the fake table has no other column
+    assert set(search["best"]["nb201"]) == set(close.NB201_DATASETS)
     assert 1 <= search["best"]["nb201"]["cifar10"]["rank"] <= 6466
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 2 and state["model"]["_extra_state"]["level"] == 2
-    printed = capsys.readouterr().out
+    assert [point["epoch"] for point in state["curve"]] == [1, 2]  # epochs // 10, at least 1
     assert "kendall_tau" in printed and "search (evolution, 16 evaluations) found" in printed
-    assert "no complete cifar100, ImageNet16-120 column" in printed
+    assert printed.splitlines()[0].endswith(", cpu, float32")  # the precision, first line
 
 
-def test_random_search_and_the_found_cell_on_nb201s_three_datasets(tmp_path, capsys):
-    nb201 = fake_nb201_csv(tmp_path / "fake.csv", close.NB201_DATASETS)
-    out = tmp_path / "run"
-    argv = TINY + ["--epochs", "1", "--blocks", "1", "--search", "random", "--out", str(out)]
-    assert close.main(argv + ["--nb201", str(nb201)]) == 0
-    printed = capsys.readouterr().out
+def test_the_curve_is_the_final_scorings_protocol_on_the_tracked_archs(finished_run, fake_nb201):
+    """Its last point recomputed from the checkpoint: score_arch on the first --track-batches
+    held-out batches, ranking_metrics against NB201, for the --eval-seed subset."""
+    out, printed = finished_run
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    cfg = close.Config(**checkpoint["config"])
+    data = close.load_dataset(cfg)
+    model = close.build_model(cfg, data.num_classes, torch.device("cpu"))
+    model.load_state_dict(checkpoint["model"])
+    images, labels = close.heldout_set(data, cfg, cfg.track_batches)
+    archs = close.seeded_archs(cfg.track_archs, cfg.eval_seed)
+    assert len(archs) == 6 and len(labels) == 64
+    scores = [
+        close.score_arch(model, a, images, labels, cfg.batch_size, cfg.eval_gate, cfg.eval_seed)
+        for a in archs
+    ]
+    truth = close.load_ground_truth(str(fake_nb201)).accuracy["cifar10"]
+    ranking = close.ranking_metrics([s[0] for s in scores], [truth[a] for a in archs])
+    last = close.read_curve(out)[-1]
+    assert (last["epoch"], last["level"], last["lr"]) == (2, 2, cfg.lr)
+    assert last["mean_oneshot_accuracy"] == np.mean([s[0] for s in scores])
+    for name in ("kendall_tau", "spearman", "P@top5%"):
+        assert last[name] == ranking[name] or last[name] is ranking[name] is None, name
+    rows = list(csv.DictReader(open(out / "curve_scores.csv")))
+    assert [row["epoch"] for row in rows] == ["1"] * 6 + ["2"] * 6
+    assert [
+        (close.str_to_arch(r["arch"]), float(r["oneshot_accuracy"]), float(r["oneshot_loss"]))
+        for r in rows[6:]
+    ] == [(a, *s) for a, s in zip(archs, scores)]
+    # the epoch line and the summary carry the curve
+    assert f"tracked tau {last['kendall_tau']:.3f}" in printed.split("epoch    2/2")[1]
+    table = printed.split("curve (")[1].splitlines()
+    assert table[1].split() == ["epoch", *close.CURVE_FIELDS[1:7]]
+    assert table[3].split()[:3] == ["2", "2", "0.050"]
+
+
+def test_tracking_leaves_training_bit_identical(straight_run, tmp_path):
+    """The same run without tracking: the same weights, log, scores and search."""
+    untracked = tmp_path / "untracked"
+    assert quietly(RESUME_ARGS + ["--track-every", "0", "--out", str(untracked)])[0] == 0
+    log_a, scores_a, curve_a, _, state_a = run_rows(straight_run)
+    log_b, scores_b, curve_b, _, state_b = run_rows(untracked)
+    assert [p["epoch"] for p in curve_a] == [2, 3] and curve_b == []
+    assert log_a == log_b and scores_a == scores_b
+    assert all(
+        torch.equal(t, state_b["model"][k])
+        for k, t in state_a["model"].items()
+        if k != "_extra_state"
+    )
+    assert (straight_run / "search.json").read_text() == (untracked / "search.json").read_text()
+
+
+def test_random_search_and_the_found_cell_on_nb201s_three_datasets(finished_run, tmp_path):
+    out = tmp_path / "random"
+    code, printed = quietly(
+        ["--load", str(finished_run[0] / "checkpoint.pt"), "--search", "random", "--out", str(out)]
+    )
+    assert code == 0
     search = json.loads((out / "search.json").read_text())
-    truth, best = close.load_ground_truth(str(nb201)), close.str_to_arch(search["best"]["arch"])
+    cfg = json.loads((out / "config.json").read_text())
+    truth, best = close.load_ground_truth(cfg["nb201"]), close.str_to_arch(search["best"]["arch"])
     assert search["strategy"] == "random" and search["unique_evaluated"] == 16
     assert search["best"]["nb201"] == {
         d: {"accuracy": truth.accuracy[d][best], "rank": truth.rank[d][best]}
@@ -1078,33 +1377,35 @@ def test_random_search_and_the_found_cell_on_nb201s_three_datasets(tmp_path, cap
         assert row.endswith(f"{truth.accuracy[d][best]:.2f}% #{truth.rank[d][best]:,}")
 
 
-def test_every_arch_gets_its_class_ground_truth(tmp_path):
-    nb201 = fake_nb201_csv(tmp_path / "fake.csv")
+def test_every_arch_gets_its_class_ground_truth(tmp_path, capsys):
+    nb201 = fake_nb201_csv(tmp_path / "fake.csv")  # CIFAR-10 only
     dead_edge = (3, 0, 0, 2, 0, 0)  # 0->1 is dead: not the representative of its class
     assert close.canonical(dead_edge) != dead_edge
-    table = nb.load(nb201).group_accuracies(lambda text: close.canonical(close.str_to_arch(text)))
+    table = {row["arch"]: float(row["cifar10"]) for row in csv.DictReader(open(nb201))}
     truth = close.load_ground_truth(str(nb201))
+    assert "no complete cifar100, ImageNet16-120 column" in capsys.readouterr().out
     accuracy, rank = truth.accuracy["cifar10"], truth.rank["cifar10"]
-    assert accuracy[dead_edge] == pytest.approx(table[close.canonical(dead_edge)])
-    assert rank[dead_edge] == rank[close.canonical(dead_edge)]
-
-
-def test_scoring_and_search_from_a_checkpoint_alone(tmp_path):
-    out = tmp_path / "run"
-    assert close.main(TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out)]) == 0
-    again = tmp_path / "rescored"
-    assert close.main(TINY + ["--load", str(out / "checkpoint.pt"), "--out", str(again)]) == 0
-    assert (again / "scores.csv").read_text() == (out / "scores.csv").read_text()
-
-
-def test_the_python_api_scores_an_arch_as_the_command_line_does(tmp_path):
-    out = tmp_path / "run"
-    assert (
-        close.main(
-            TINY + ["--epochs", "2", "--blocks", "2", "--search-budget", "0", "--out", str(out)]
-        )
-        == 0
+    members = [a for a in close.ALL_ARCHS if close.canonical(a) == close.canonical(dead_edge)]
+    assert len(members) > 1
+    assert accuracy[dead_edge] == pytest.approx(
+        np.mean([table[close.arch_to_str(a)] for a in members])
     )
+    assert rank[dead_edge] == rank[close.canonical(dead_edge)] and set(truth.accuracy) == {
+        "cifar10"
+    }
+
+
+def test_scoring_and_search_from_a_checkpoint_alone(finished_run, tmp_path):
+    out = finished_run[0]
+    again = tmp_path / "rescored"
+    code, printed = quietly(["--load", str(out / "checkpoint.pt"), "--out", str(again)])
+    assert code == 0 and printed.count("no curve") == 1 and not (again / "curve.csv").exists()
+    for name in ("scores.csv", "search.json"):
+        assert (again / name).read_text() == (out / name).read_text(), name
+
+
+def test_the_python_api_scores_an_arch_as_the_command_line_does(finished_run):
+    out = finished_run[0]
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     cfg = close.Config(**checkpoint["config"])
     data = close.load_dataset(cfg)
@@ -1112,7 +1413,9 @@ def test_the_python_api_scores_an_arch_as_the_command_line_does(tmp_path):
     model.load_state_dict(checkpoint["model"])
     images, labels = close.heldout_set(data, cfg)
     for row in list(csv.DictReader(open(out / "scores.csv")))[:4]:  # level 2: the GATE decides
-        scored = close.score_arch(model, row["arch"], images, labels, cfg.batch_size)
+        scored = close.score_arch(
+            model, row["arch"], images, labels, cfg.batch_size, cfg.eval_gate, cfg.eval_seed
+        )
         assert scored == (float(row["oneshot_accuracy"]), float(row["oneshot_loss"]))
 
 
@@ -1125,15 +1428,20 @@ def ctrl_c_interrupts():
     signal.signal(signal.SIGINT, previous)
 
 
-# 2 steps per epoch: before any checkpoint, and mid-epoch 2
-@pytest.mark.parametrize("stop_at_call", [1, 3])
-def test_resume_is_bit_identical_to_an_uninterrupted_run(
-    tmp_path, monkeypatch, stop_at_call, ctrl_c_interrupts
-):
-    # 3 epochs and 3 blocks: epoch 2 (index 1) starts with a growth and the optimizer restart
-    args = TINY + ["--epochs", "3", "--blocks", "3"]
-    assert close.main(args + ["--out", str(tmp_path / "straight")]) == 0
+# 3 epochs, 3 blocks, 2 steps per epoch: epoch 2 (index 1) starts with a growth and the learning
+# rate restart; curve points after epoch 2 and after the last
+RESUME_ARGS = TINY + ["--epochs", "3", "--blocks", "3", "--track-every", "2"]
 
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert quietly(RESUME_ARGS + ["--out", str(out)])[0] == 0
+    return out
+
+
+def stopped_run(out, monkeypatch, stop_at_call):
+    """A run stopped by Ctrl-C after its stop_at_call-th training step."""
     real_train_step, calls = close.train_step, []
 
     def train_step_then_ctrl_c(*a, **k):
@@ -1143,27 +1451,52 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
         return result
 
-    monkeypatch.setattr(close, "train_step", train_step_then_ctrl_c)
-    assert close.main(args + ["--out", str(tmp_path / "resumed")]) == 130
-    checkpoint = tmp_path / "resumed" / "checkpoint.pt"
-    assert (
-        torch.load(checkpoint, weights_only=True)["epoch"] if checkpoint.exists() else 0
-    ) == stop_at_call // 2
-    monkeypatch.setattr(close, "train_step", real_train_step)
-    # repeats the stopped epoch
-    assert close.main(args + ["--out", str(tmp_path / "resumed"), "--resume"]) == 0
+    with monkeypatch.context() as patch:
+        patch.setattr(close, "train_step", train_step_then_ctrl_c)
+        assert quietly(RESUME_ARGS + ["--out", str(out)])[0] == 130
+    checkpoint = out / "checkpoint.pt"
+    saved = torch.load(checkpoint, weights_only=True) if checkpoint.exists() else {"epoch": 0}
+    assert saved["epoch"] == (stop_at_call - 1) // 2
+    return saved
 
-    log_a, scores_a, state_a = run_rows(tmp_path / "straight")
-    log_b, scores_b, state_b = run_rows(tmp_path / "resumed")
-    assert log_a == log_b and scores_a == scores_b
+
+# before any checkpoint; and in epoch 3, after the restart, where the optimizer's momentum and
+# the plateau schedule saved with epoch 2 are what the rest of the run goes on from
+@pytest.mark.parametrize("stop_at_call", [1, 5])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(
+    straight_run, tmp_path, monkeypatch, stop_at_call, ctrl_c_interrupts
+):
+    stopped_run(tmp_path / "resumed", monkeypatch, stop_at_call)
+    # repeats the stopped epoch, and continues the curve: no point lost, none repeated
+    assert quietly(RESUME_ARGS + ["--out", str(tmp_path / "resumed"), "--resume"])[0] == 0
+    *rows_a, state_a = run_rows(straight_run)
+    *rows_b, state_b = run_rows(tmp_path / "resumed")
+    assert rows_a == rows_b and [p["epoch"] for p in rows_b[2]] == [2, 3]
     assert state_a["model"].keys() == state_b["model"].keys()
     for name, tensor in state_a["model"].items():
         assert name == "_extra_state" or torch.equal(tensor, state_b["model"][name]), name
+    momentum = [s["momentum_buffer"] for s in state_b["optimizer"]["state"].values()]
+    assert len(momentum) > 0 and all(
+        torch.equal(m, state_a["optimizer"]["state"][i]["momentum_buffer"])
+        for i, m in zip(state_b["optimizer"]["state"], momentum)
+    )
 
 
-def test_scoring_resumes_from_partial_scores(tmp_path, monkeypatch):
+def test_resume_goes_on_with_the_saved_plateau_schedule(tmp_path, monkeypatch, ctrl_c_interrupts):
+    """A schedule saved one bad epoch from halving the learning rate halves it after the next."""
     out = tmp_path / "run"
-    assert close.main(TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out)]) == 0
+    saved = stopped_run(out, monkeypatch, 5)  # checkpoint after epoch 2 of 3
+    assert saved["scheduler"]["patience"] == 1
+    saved["scheduler"] |= {"best": 0.0, "num_bad_epochs": 1}  # no loss gets below 0
+    torch.save(saved, out / "checkpoint.pt")
+    assert quietly(RESUME_ARGS + ["--out", str(out), "--resume"])[0] == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["lr"] == close.Config().lr / 2
+    assert state["scheduler"]["num_bad_epochs"] == 0  # reset by the halving
+
+
+def test_scoring_resumes_from_partial_scores(finished_run, tmp_path, monkeypatch):
+    out = copied(finished_run[0], tmp_path)
     complete = (out / "scores.csv").read_text()
     lines = complete.splitlines(keepends=True)
     (out / "scores.csv").write_text("".join(lines[:6]) + lines[6][:10])  # 5 rows and a torn one
@@ -1174,61 +1507,17 @@ def test_scoring_resumes_from_partial_scores(tmp_path, monkeypatch):
         "score_arch",
         lambda model, arch, *a, **k: scored.append(arch) or real_score_arch(model, arch, *a, **k),
     )
-    assert (
-        close.main(
-            TINY
-            + [
-                "--epochs",
-                "2",
-                "--blocks",
-                "2",
-                "--out",
-                str(out),
-                "--resume",
-                "--search-budget",
-                "0",
-            ]
-        )
-        == 0
-    )
+    assert quietly(["--out", str(out), "--resume", "--search-budget", "0"])[0] == 0
     assert len(scored) == 12 - 5
     assert (out / "scores.csv").read_text() == complete
 
 
-def test_resume_and_load_take_the_runs_own_options(tmp_path, capsys):
-    out = tmp_path / "run"
-    argv = TINY + [
-        "--epochs",
-        "2",
-        "--blocks",
-        "2",
-        "--search-budget",
-        "0",
-        "--train-subset",
-        "256",
-        "--out",
-        str(out),
-    ]
-    assert close.main(argv) == 0
+def test_resume_and_load_take_the_runs_own_options(finished_run, tmp_path, capsys):
+    out = copied(finished_run[0], tmp_path)
     (out / "metrics.json").unlink()
     # nothing retyped: data, sizes and scoring come from the run
-    assert close.main(["--resume", "--out", str(out)]) == 0
+    assert quietly(["--resume", "--out", str(out)])[0] == 0
     assert json.loads((out / "metrics.json").read_text())["scored_archs"] == 12
-    capsys.readouterr()
-    assert (
-        close.main(
-            [
-                "--load",
-                str(out / "checkpoint.pt"),
-                "--data",
-                "synthetic",
-                "--out",
-                str(tmp_path / "b"),
-            ]
-        )
-        == 0
-    )
-    assert (tmp_path / "b" / "scores.csv").read_text() == (out / "scores.csv").read_text()
     cfg, _ = close.settle_options(
         close.Config(data="/elsewhere"), {"data"}, False, str(out / "checkpoint.pt")
     )
@@ -1241,6 +1530,15 @@ def test_resume_and_load_take_the_runs_own_options(tmp_path, capsys):
     assert "--channels (4 there, 8 now)" in error_line(
         capsys, ["--load", str(out / "checkpoint.pt"), "--channels", "8"]
     )
+    for option in ("--track-archs", "--eval-seed"):  # a resumed curve keeps its protocol
+        assert f"{option} (" in error_line(capsys, ["--resume", "--out", str(out), option, "7"])
+    # a run from before tracking (no such options saved) resumes with the defaults
+    config = json.loads((out / "config.json").read_text())
+    for name in ("track_every", "track_archs", "track_batches"):
+        del config[name]
+    (out / "config.json").write_text(json.dumps(config))
+    cfg, _ = close.settle_options(close.Config(out=str(out)), {"out"}, True, "")
+    assert cfg.track_archs == close.Config().track_archs and cfg.channels == 4
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
@@ -1255,9 +1553,50 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
         ), logits  # epoch 2 (2 steps/epoch), step 2
 
     monkeypatch.setattr(close, "train_step", poisoned_train_step)
-    err = error_line(capsys, TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out)])
+    err = error_line(capsys, TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out)], code=1)
     assert "non-finite in epoch 2" in err
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def out_of_memory(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+
+
+def test_training_out_of_gpu_memory_is_one_line_and_keeps_the_last_epoch(
+    tmp_path, capsys, monkeypatch
+):
+    out, real_train_step, calls = tmp_path / "run", close.train_step, []
+
+    def step(*args):
+        calls.append(1)
+        return out_of_memory() if len(calls) == 3 else real_train_step(*args)  # epoch 2
+
+    monkeypatch.setattr(close, "train_step", step)
+    err = error_line(capsys, TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out)], code=1)
+    assert "out of GPU memory with one batch of --batch-size 64 (cpu)" in err and "--resume" in err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def test_scoring_out_of_gpu_memory_is_one_line_keeps_the_scores_and_resumes(
+    finished_run, tmp_path, capsys, monkeypatch
+):
+    out = copied(finished_run[0], tmp_path)
+    (out / "metrics.json").unlink()
+    lines = (out / "scores.csv").read_text().splitlines(keepends=True)
+    (out / "scores.csv").write_text("".join(lines[:4]))  # 3 archs scored
+    real_score_arch, calls = close.score_arch, []
+
+    def score_arch(*args, **kwargs):  # one batch does not fit at the 3rd arch of this session
+        calls.append(1)
+        return out_of_memory() if len(calls) == 3 else real_score_arch(*args, **kwargs)
+
+    monkeypatch.setattr(close, "score_arch", score_arch)
+    err = error_line(capsys, ["--out", str(out), "--resume"], code=1)
+    assert "out of GPU memory" in err and "--batch-size 64" in err
+    assert len((out / "scores.csv").read_text().splitlines()) == 1 + 3 + 2  # kept as they came
+    monkeypatch.setattr(close, "score_arch", real_score_arch)
+    assert quietly(["--out", str(out), "--resume"])[0] == 0
+    assert (out / "scores.csv").read_text() == (finished_run[0] / "scores.csv").read_text()
 
 
 def test_interrupt_before_anything_is_saved_says_so(tmp_path, capsys, monkeypatch):
@@ -1289,18 +1628,7 @@ def test_library_callers_keep_sigterm(monkeypatch):
         (["--blocks", "0"], "--blocks must be positive"),
         (["--nb201", "/nonexistent/nb201.csv"], "--nb201 /nonexistent/nb201.csv"),
         (["--data", "/nonexistent/folder"], "--data /nonexistent/folder"),
-    ],
-)
-def test_bad_input_is_one_clear_line_and_touches_nothing(tmp_path, capsys, extra, message):
-    out = tmp_path / "run"
-    err = error_line(capsys, TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out)] + extra)
-    assert message in err
-    assert not out.exists()
-
-
-@pytest.mark.parametrize(
-    "extra, message",
-    [
+        (["--track-batches", "5"], "--track-batches 5: the held-out split has 4 batches of 64"),
         (["--lr", "-1"], "--lr must be positive"),
         (["--momentum", "-0.5"], "--momentum must be in [0, 1)"),
         (["--weight-decay", "-1"], "--weight-decay must be 0 or more"),
@@ -1309,23 +1637,19 @@ def test_bad_input_is_one_clear_line_and_touches_nothing(tmp_path, capsys, extra
         (["--grad-clip", "0"], "--grad-clip must be positive"),
         (["--eval-gate", "best"], "--eval-gate: invalid choice: 'best'"),
         (["--lr", "fast"], "--lr: invalid float value"),
-        (["--images-per-pass", "200"], "--images-per-pass must be 0 or a multiple of --batch"),
-        (["--images-per-pass", "-128"], "--images-per-pass must be 0 or more"),
+        (["--images-per-pass", "100"], "--images-per-pass must be 0 or a multiple of --batch"),
+        (["--images-per-pass", "-64"], "--images-per-pass must be 0 or more"),
+        (["--track-every", "-2"], "--track-every must be 0 or more, or -1 (epochs // 10)"),
+        (["--track-archs", "1"], "--track-archs must be 2 to 6,466, got 1"),
+        (["--track-archs", "6467"], "--track-archs must be 2 to 6,466, got 6467"),
+        (["--track-batches", "0"], "--track-batches must be positive"),
     ],
 )
-def test_a_bad_value_fails_at_once_and_leaves_the_folder_free(tmp_path, capsys, extra, message):
+def test_bad_input_is_one_clear_line_and_touches_nothing(tmp_path, capsys, extra, message):
     out = tmp_path / "run"
-    assert message in error_line(
-        capsys, TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out)] + extra
-    )
+    err = error_line(capsys, TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out)] + extra)
+    assert message in err
     assert not out.exists()
-    # the fixed command runs
-    assert (
-        close.main(
-            TINY + ["--epochs", "1", "--blocks", "1", "--search-budget", "0", "--out", str(out)]
-        )
-        == 0
-    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -1396,17 +1720,11 @@ def test_bad_runs_and_checkpoints_are_one_line_before_any_work(tmp_path, capsys,
     assert not (tmp_path / "rescored").exists()
 
 
-def test_an_out_folder_holding_a_run_is_protected(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert (
-        close.main(
-            TINY + ["--epochs", "2", "--blocks", "2", "--out", str(out), "--search-budget", "0"]
-        )
-        == 0
-    )
-    capsys.readouterr()
+def test_an_out_folder_holding_a_run_is_protected(finished_run, capsys, monkeypatch):
+    out = finished_run[0]
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert "already holds a run" in error_line(
+    monkeypatch.setattr(close, "load_dataset", lambda cfg: pytest.fail("the data was read first"))
+    assert "already holds a run: --resume it or choose another --out" in error_line(
         capsys, TINY + ["--epochs", "3", "--blocks", "2", "--out", str(out)]
     )
     err = error_line(
@@ -1427,26 +1745,7 @@ def test_an_out_folder_of_other_files_is_refused_untouched(tmp_path, capsys):
         ("scores.csv", "the user's own scores")
     ]
     (out / "scores.csv").unlink()  # an empty folder is fine
-    assert (
-        close.main(
-            TINY + ["--epochs", "1", "--blocks", "1", "--search-budget", "0", "--out", str(out)]
-        )
-        == 0
-    )
-
-
-def test_an_occupied_out_is_reported_before_the_data_is_read(tmp_path, capsys, monkeypatch):
-    out = tmp_path / "run"
-    assert (
-        close.main(
-            TINY + ["--epochs", "1", "--blocks", "1", "--search-budget", "0", "--out", str(out)]
-        )
-        == 0
-    )
-    monkeypatch.setattr(close, "load_dataset", lambda cfg: pytest.fail("the data was read first"))
-    assert "already holds a run" in error_line(
-        capsys, TINY + ["--epochs", "1", "--blocks", "1", "--out", str(out)]
-    )
+    assert close.claim_out(close.Config(out=str(out)), resume=False) == out
 
 
 def test_default_output_folders_differ_by_data_and_size():
@@ -1469,42 +1768,28 @@ def test_default_output_folders_differ_by_data_and_size():
     )
 
 
-def test_summary_and_compare_say_what_their_numbers_are(tmp_path, capsys):
-    nb201 = fake_nb201_csv(tmp_path / "fake.csv")
-    long_name = tmp_path / "a-run-with-a-rather-long-folder-name"
-    assert (
-        close.main(
-            TINY
-            + ["--epochs", "2", "--blocks", "2", "--nb201", str(nb201), "--out", str(long_name)]
-        )
-        == 0
-    )
-    printed = capsys.readouterr().out
+def test_summary_and_compare_say_what_their_numbers_are(finished_run, tmp_path, capsys):
+    long_name, printed = finished_run
     assert f"== {long_name.name} (" in printed and "P@top/bottom K:" in printed
     assert "found cifar10" in printed and "rank among the 6,466" in printed
-    epochs = [line for line in printed.splitlines() if line.startswith("epoch ")]
+    epochs = [line for line in printed.splitlines() if re.match(r"epoch +\d+/", line)]
     log = list(csv.DictReader(open(long_name / "log.csv")))
-    # percent
-    assert [f"acc {float(row['accuracy']):5.1f}%" in line for row, line in zip(log, epochs)] == [
-        True,
-        True,
-    ]
-    assert " left or more" in epochs[0] and " left" not in epochs[1] and "0.0 min" not in printed
+    assert len(epochs) == len(log) == 2
+    for row, line in zip(log, epochs):  # accuracy in percent
+        assert f"acc {float(row['accuracy']):5.1f}%  lr 0.05  level {row['level']}  " in line
+    left = close.duration(float(log[0]["seconds"]))  # one epoch of that length to go
+    assert f"  {left} left or more  " in epochs[0] and " left" not in epochs[1]
     # the GATE's numbers, each in words
     gate = json.loads((long_name / "metrics.json").read_text())["gate"]
     assert f"likeliest block: one block for {1 - gate['off_dominant']:.0%} of the edges" in printed
     assert f"draws: {gate['entropy']:.0%} as random as a uniform pick" in printed
     assert "scoring (--eval-gate): edges per block [" in printed
     plotting = importlib.util.find_spec("matplotlib") is not None
-    assert "no ranking.png" in printed or plotting
-    if plotting:  # ranking.png can be drawn again from the finished folder
-        (long_name / "ranking.png").unlink()
-        assert close.main(["--plot", str(long_name)]) == 0 and (long_name / "ranking.png").exists()
-    else:
+    assert ("no ranking.png" in printed) != plotting
+    if not plotting:
         assert "--plot needs matplotlib: pip install matplotlib" in error_line(
             capsys, ["--plot", str(long_name)]
         )
-    capsys.readouterr()
     assert close.main(["--compare", str(long_name), str(long_name)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == [long_name.name] * 2 and table[1].split()[0] == "kendall_tau"
@@ -1512,18 +1797,20 @@ def test_summary_and_compare_say_what_their_numbers_are(tmp_path, capsys):
         line.startswith("found cifar10") for line in table
     )
     no_truth = tmp_path / "no-truth"
-    assert close.main(TINY + ["--epochs", "1", "--blocks", "1", "--out", str(no_truth)]) == 0
-    printed = capsys.readouterr().out  # without --nb201: no rows of "-" for what was not measured
+    code, printed = quietly(TINY + ["--epochs", "1", "--blocks", "1", "--out", str(no_truth)])
+    assert code == 0  # without --nb201: no rows of "-" for what was not measured
     assert "found cifar10" not in printed and "kendall_tau" not in printed
     assert "mean one-shot" in printed and "search (evolution, 16 evaluations) found" in printed
+    assert "tracked one-shot " in printed.split("epoch    1/1")[1].splitlines()[0]
     assert close.main(["--compare", str(no_truth), str(long_name)]) == 0  # any run first
     table = capsys.readouterr().out.splitlines()
     assert table[1].split()[:2] == ["kendall_tau", "-"] and table[1].split()[2] != "-"
 
 
-def finished(folder, seed, baseline, values, **options):
-    """A finished run written by hand: its options, and metrics with Kendall tau, Spearman,
-    P@top5% and the found cell's CIFAR-10 accuracy set to `values`."""
+def finished(folder, seed, baseline, values, curve=(), **options):
+    """A finished run written by hand: its options, metrics with Kendall tau, Spearman, P@top5%
+    and the found cell's CIFAR-10 accuracy set to `values`, and a curve: (epoch, Kendall tau,
+    P@top5%) points."""
     folder.mkdir()
     config = dataclasses.asdict(close.Config(seed=seed, baseline=baseline, **options))
     (folder / "config.json").write_text(json.dumps(config))
@@ -1531,13 +1818,30 @@ def finished(folder, seed, baseline, values, **options):
     ranking = {name: 0.5 for name in close.SUMMARY_METRICS} | {"n": 200, "kendall_tau": tau}
     metrics = {
         "ranking": ranking | {"spearman": spearman, "P@top5%": top5},
-        "search": {"strategy": "evolution", "budget": 100, "best": {"arch": "x", "nb201": {
-            "cifar10": {"accuracy": found, "rank": 7}}}},
+        "search": {
+            "strategy": "evolution",
+            "budget": 100,
+            "best": {"arch": "x", "nb201": {"cifar10": {"accuracy": found, "rank": 7}}},
+        },
         "mean_oneshot_accuracy": 50.0,
         "times": {"train_s": 1.0, "score_s": 2.0},
     }
     (folder / "metrics.json").write_text(json.dumps(metrics))
+    if curve:
+        rows = [[epoch, 1, 0.05, 40.0, tau, 0.5, top5, 1.0] for epoch, tau, top5 in curve]
+        (folder / "curve.csv").write_text(close.csv_text(close.CURVE_FIELDS, rows))
     return str(folder)
+
+
+def paired_rows(printed, heading):
+    """The rows of the paired table under `heading`: {first cell: the others}."""
+    lines = printed.split(heading)[1].splitlines()[1:]
+    header, rows = lines[0].split(), {}
+    for line in lines[1:]:
+        if not line.strip() or line.startswith("("):
+            break
+        rows[line.split()[0]] = line.split()[1:]
+    return header, rows
 
 
 def test_compare_pairs_vanilla_and_close_runs_by_seed(tmp_path, capsys):
@@ -1547,30 +1851,119 @@ def test_compare_pairs_vanilla_and_close_runs_by_seed(tmp_path, capsys):
     runs += [finished(tmp_path / f"vanilla-{s}", s, True, v) for s, v in vanilla.items()]
     runs.append(finished(tmp_path / "close-3", 3, False, (0.3, 0.4, 0.1, 90.0)))  # no partner
     runs.append(finished(tmp_path / "vanilla-e9", 0, True, (0.1, 0.2, 0.0, 90.0), epochs=9))
-    # another device or speed option still pairs; another --epochs does not
-    runs.append(finished(tmp_path / "close-gpu", 4, False, (0.3, 0.4, 0.1, 90.0), device="cuda"))
-    runs.append(finished(tmp_path / "vanilla-gpu", 4, True, (0.2, 0.3, 0.1, 89.0), threads=3))
+    runs.append(finished(tmp_path / "vanilla-t9", 1, True, (0.1, 0.2, 0.0, 90.0), track_archs=9))
+    # another device, speed option, eval gate or output folder still pairs; other --epochs not
+    runs.append(
+        finished(
+            tmp_path / "close-gpu",
+            4,
+            False,
+            (0.3, 0.4, 0.1, 90.0),
+            device="cuda",
+            eval_gate="argmax",
+            blocks=3,
+        )
+    )
+    runs.append(
+        finished(
+            tmp_path / "vanilla-gpu",
+            4,
+            True,
+            (0.2, 0.3, 0.1, 89.0),
+            threads=3,
+            images_per_pass=512,
+            out="elsewhere",
+        )
+    )
     assert close.main(["--compare", *runs]) == 0
     printed = capsys.readouterr().out
-    block = printed.split("CLOSE - vanilla, paired by seed (4 pairs, the same other options):")[1]
-    lines = {line.split()[0] + (line.split()[1] if line.startswith("seed") else ""): line.split()
-             for line in block.splitlines()[2:9]}
+    header, rows = paired_rows(printed, "paired by seed (4 pairs, the same other options):")
+    assert header == "seed 0 seed 1 seed 2 seed 4 mean sd p".split()
     closenet[4], vanilla[4] = (0.3, 0.4, 0.1, 90.0), (0.2, 0.3, 0.1, 89.0)
-    c, v = (np.array([side[s] for s in range(5) if s != 3]) for side in (closenet, vanilla))
-    for s, row in zip((0, 1, 2, 4), c - v):
-        assert lines[f"seed{s}"][2:] == [f"{x:+.3f}" for x in row]
-    assert lines["mean"][1:] == [f"{x:+.3f}" for x in (c - v).mean(0)]
-    assert lines["sd"][1:] == [f"{x:+.3f}" for x in (c - v).std(0, ddof=1)]
-    assert lines["p"][1:] == [f"{x:.3f}" for x in scipy.stats.ttest_rel(c, v).pvalue]
-    assert "fewer than 3 pairs" not in printed
-    assert "not paired" in printed and "close-3, vanilla-e9" in printed.split("not paired")[1]
+    c, v = (np.array([side[s] for s in (0, 1, 2, 4)]) for side in (closenet, vanilla))
+    p = scipy.stats.ttest_rel(c, v).pvalue
+    for i, name in enumerate(close.PAIRED_METRICS + ("found",)):
+        cells = rows[name][-7:]  # "found CIFAR-10" is two words
+        expected = [f"{x:+.3f}" for x in (c - v)[:, i]] + [f"{(c - v)[:, i].mean():+.3f}"]
+        assert cells == expected + [f"{(c - v)[:, i].std(ddof=1):.3f}", f"{p[i]:.3f}"], name
+    assert "fewer than 3 pairs" not in printed and "no curve: " in printed
+    assert (
+        "not paired" in printed
+        and "close-3, vanilla-e9, vanilla-t9" in printed.split("not paired")[1]
+    )
     assert close.main(["--compare", runs[0], runs[3], runs[1], runs[4]]) == 0
     printed = capsys.readouterr().out
     assert "(2 pairs" in printed and "fewer than 3 pairs: the mean, sd and p say nothing" in printed
     assert close.main(["--compare", runs[0], runs[1]]) == 0  # CLOSE runs alone: nothing to pair
     assert "paired" not in capsys.readouterr().out
+    # a seed with two runs of one kind and the same options: said, and not paired
+    twin = finished(tmp_path / "close-0-again", 0, False, (0.1, 0.1, 0.1, 90.0), out="again")
+    assert close.main(["--compare", runs[0], runs[3], twin]) == 0
+    printed = capsys.readouterr().out
+    assert "seed 0 has 2 CLOSE runs with the same options (close-0, close-0-again)" in printed
+    assert "paired by seed" not in printed
     (tmp_path / "close-0" / "config.json").unlink()
     assert "close-0 is not a finished run" in error_line(capsys, ["--compare", *runs])
+
+
+def test_compare_gives_the_curves_and_their_paired_differences_per_epoch(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    taus = rng.uniform(-0.2, 0.8, (3, 2, 4))  # seed, kind (vanilla, CLOSE), epoch 5, 10, 15, 20
+    tops = rng.uniform(0, 1, (3, 2, 4)).round(2)
+    runs = []
+    for seed in range(3):
+        for kind, name in enumerate(("vanilla", "close")):
+            curve = [(5 * (e + 1), taus[seed, kind, e], tops[seed, kind, e]) for e in range(4)]
+            if seed == 2 and kind == 1:
+                curve = curve[:3]  # no point at epoch 20: that epoch has two pairs
+            runs.append(finished(tmp_path / f"{name}-{seed}", seed, not kind, (0.1,) * 4, curve))
+    runs.append(finished(tmp_path / "no-curve", 9, True, (0.1,) * 4))
+    assert close.main(["--compare", *runs]) == 0
+    printed = capsys.readouterr().out
+    header, rows = paired_rows(printed, "\nkendall_tau during training (curve.csv):")
+    assert header[1:] == [Path(run).name for run in runs[:6]]
+    assert rows["20"][-1] == "-" and rows["5"][0] == f"{taus[0, 0, 0]:.3f}"
+    assert "no curve: no-curve" in printed
+    for metric, values in (("kendall_tau", taus), ("P@top5%", tops)):
+        header, rows = paired_rows(printed, f"CLOSE - vanilla {metric} during training")
+        assert header == "epoch seed 0 seed 1 seed 2 mean sd p".split()
+        differences = values[:, 1] - values[:, 0]
+        differences[2, 3] = np.nan
+        for e, epoch in enumerate(("5", "10", "15", "20")):
+            d = differences[:, e][~np.isnan(differences[:, e])]
+            p = scipy.stats.ttest_rel(values[: len(d), 1, e], values[: len(d), 0, e]).pvalue
+            assert rows[epoch] == [f"{x:+.3f}" for x in d] + ["-"] * (3 - len(d)) + [
+                f"{d.mean():+.3f}",
+                f"{d.std(ddof=1):.3f}",
+                f"{p:.3f}",
+            ], (metric, epoch)
+    assert "fewer than 3 pairs: the mean, sd and p say nothing yet" not in printed
+
+
+def test_the_pictures_are_drawn_with_matplotlib(finished_run, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = copied(finished_run[0], tmp_path)
+    (out / "ranking.png").unlink(missing_ok=True)
+    assert close.main(["--plot", str(out)]) == 0 and (out / "ranking.png").stat().st_size > 1000
+    runs = [
+        finished(
+            tmp_path / f"{kind}-{s}",
+            s,
+            kind == "vanilla",
+            (0.1,) * 4,
+            [(1, 0.1 * s, 0.2), (2, 0.2, 0.3 * s)],
+        )
+        for s in (0, 1)
+        for kind in ("vanilla", "close")
+    ]
+    (tmp_path / "compare.png").write_bytes(b"the user's own picture")
+    assert close.main(["--compare", *runs]) == 0
+    printed = capsys.readouterr().out
+    assert f"curves drawn in {tmp_path / 'compare-2.png'}" in printed
+    assert (tmp_path / "compare.png").read_bytes() == b"the user's own picture"
+    assert close.main(["--compare", *runs]) == 0  # its own picture, drawn again in place
+    assert f"curves drawn in {tmp_path / 'compare-2.png'}" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["compare-2.png", "compare.png"]
 
 
 def test_help_shows_every_default_and_says_what_benchmark_times(capsys):
@@ -1585,11 +1978,18 @@ def test_help_shows_every_default_and_says_what_benchmark_times(capsys):
     assert "time training steps, vanilla and CLOSENet at each level, and scoring" in text
 
 
-def test_progress_line_once_a_minute(capsys):
+def test_progress_line_once_a_minute(capsys, monkeypatch):
     clock = iter([0.0, 20.0, 40.0, 80.0, 100.0, 120.0]).__next__  # at the start and after each item
-    assert list(close.with_progress(range(5), "scoring", clock)) == list(range(5))
+    monkeypatch.setattr(close, "time", types.SimpleNamespace(monotonic=clock))
+    assert list(close.with_progress(range(5), "scoring")) == list(range(5))
     # after item 3 (80 s: over a minute) 3 done at 0.0375/s, 2 left: 53 s; none after the last
     assert capsys.readouterr().out.splitlines() == ["scoring: 3/5  0.04/s  53 s left"]
+    assert [close.duration(s) for s in (0.4, 59.4, 60, 150)] == [
+        "0 s",
+        "59 s",
+        "1.0 min",
+        "2.5 min",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1609,111 +2009,28 @@ def child(args, cwd):
     )
 
 
-def test_cli_error_exit_code_in_a_subprocess_and_benchmark(tmp_path, monkeypatch):
+def test_close_py_alone_in_a_subprocess_asks_for_nb201_api_slim_and_benchmark(
+    tmp_path, monkeypatch
+):
+    """A bad input's one line and exit code from a child process, close.py copied alone (no
+    nb201_api_slim.py beside it) and the suite's own folder removed meanwhile."""
+    shutil.copy(ROOT / "close.py", tmp_path / "close.py")
     gone = tmp_path / "gone"
     gone.mkdir()
     with monkeypatch.context() as here:  # the suite's own folder removed: the child still runs
         here.chdir(gone)
         gone.rmdir()
-        args = "--data synthetic --epochs 1 --blocks 5".split()
-        result = child([str(ROOT / "close.py"), *args, "--out", str(tmp_path / "x")], tmp_path)
+        result = child("close.py --data synthetic --nb201 x.csv --out run".split(), tmp_path)
     assert result.returncode == 2 and result.stderr.startswith("close.py: error:")
-    assert "Traceback" not in result.stderr
-    args = "--device cpu --cells 1 --channels 4 --blocks 2 --batch-size 8 --benchmark-steps 1"
+    assert "nb201_api_slim.py" in result.stderr and "Traceback" not in result.stderr
+    args = "--device cpu --cells 1 --channels 4 --blocks 2 --batch-size 4 --benchmark-steps 1"
+    args += " --images-per-pass 160"  # the 40 scoring batches in one pass
     assert close.main(["--benchmark", *args.split(), "--out", str(tmp_path)]) == 0
     bench = json.loads((tmp_path / "benchmark.json").read_text())
     keys = {"vanilla_ms_per_step", "close_level1_ms_per_step", "close_level2_ratio"}
     keys |= {"vanilla_score_s_per_arch", "close_level2_score_s_per_arch", "close_level2_iqr_ms"}
-    assert keys <= set(bench) and bench["score_images"] == 40 * 8
-
-
-# Under torchrun: 2 ranks on the CPU (gloo). A stop is Ctrl-C on torchrun itself, which forwards it
-# to every rank; this wrapper sends it from rank 0 after the N-th call of a close.py function.
-STOP_WRAPPER = """
-import os, signal, sys
-sys.path.insert(0, sys.argv.pop(1))
-import close
-real, calls = getattr(close, os.environ["STOP_IN"]), []
-def stop_after(*args, **kwargs):
-    result = real(*args, **kwargs)
-    calls.append(1)
-    if close.RANK == 0 and len(calls) == int(os.environ["STOP_AT"]):
-        os.kill(os.getppid(), signal.SIGINT)
-    return result
-setattr(close, os.environ["STOP_IN"], stop_after)
-sys.exit(close.main())
-"""
-
-
-def torchrun(tmp_path, argv, stop_in="", stop_at=0):
-    script = [str(ROOT / "close.py")]
-    if stop_in:
-        (tmp_path / "stop.py").write_text(STOP_WRAPPER)
-        script = [str(tmp_path / "stop.py"), str(ROOT)]
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            *script,
-            *argv,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env={**ONE_THREAD, "STOP_IN": stop_in, "STOP_AT": str(stop_at)},
-    )
-
-
-def test_torchrun_scores_exactly_as_one_process_and_resumes_after_stops(tmp_path):
-    nb201 = fake_nb201_csv(tmp_path / "fake.csv")
-    # the same threads per process (else CPU float rounding differs), whatever the core count
-    argv = TINY + ["--epochs", "4", "--blocks", "2", "--nb201", str(nb201), "--threads", "1"]
-    assert close.main(argv + ["--out", str(tmp_path / "one")]) == 0
-    # stopped in training epoch 2 of 4 (rank 0 trains, rank 1 waits): the checkpoint has epoch 1
-    stopped = torchrun(tmp_path, argv + ["--out", "two"], "train_step", 3)
-    assert stopped.returncode != 0 and "--resume continues" in stopped.stderr, stopped.stderr[
-        -3000:
-    ]
-    assert torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["epoch"] == 1
-    # resumed, then stopped while scoring: both ranks stop after the same round, rank 0 keeps it
-    stopped = torchrun(tmp_path, ["--resume", "--out", "two"], "score_arch", 3)
-    assert stopped.returncode != 0 and "stopped while scoring" in stopped.stderr, stopped.stderr[
-        -3000:
-    ]
-    assert 2 <= len((tmp_path / "two" / "scores.csv").read_text().splitlines()) - 1 < 12
-    finished = torchrun(tmp_path, ["--resume", "--out", "two"])
-    assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-6000:]
-    assert finished.stdout.count("== two (") == 1  # rank 0 alone prints
-    for name in ("scores.csv", "search.json"):
-        assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text(), name
-    assert run_rows(tmp_path / "one")[0] == run_rows(tmp_path / "two")[0]  # log.csv, timings aside
-    one, two = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two"))
-    assert (
-        one["ranking"] == two["ranking"]
-        and one["scoring_edges_per_block"] == two["scoring_edges_per_block"]
-    )
-    assert one["threads"] == two["threads"] == 1  # --threads honoured under torchrun too
-    # nothing else
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fake.csv", "one", "stop.py", "two"]
-
-
-def test_torchrun_onto_a_folder_holding_a_run_is_one_line_and_code_2_on_every_rank(tmp_path):
-    (tmp_path / "taken").mkdir()
-    (tmp_path / "taken" / "config.json").write_text("{}")
-    result = torchrun(tmp_path, TINY + ["--epochs", "1", "--blocks", "1", "--out", "taken"])
-    printed = result.stdout + result.stderr
-    ours = [line for line in printed.splitlines() if line.startswith("close.py")]
-    assert ours == ["close.py: error: --out taken already holds a run: --resume it or choose "
-                    "another --out"], printed[-3000:]
-    # each rank exits with code 2, unless torchrun ended it first (SIGTERM) on the other's exit
-    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", printed)
-    assert "2" in codes and set(codes) <= {"2", "-15"}, printed[-3000:]
-    assert "gloo" not in printed.lower()
-    assert (tmp_path / "taken" / "config.json").read_text() == "{}"
+    assert keys <= set(bench) and bench["score_images"] == 40 * 4
+    assert bench["precision"] == "float32"
 
 
 def test_threads_a_user_sets_are_honoured_also_under_torchrun(monkeypatch):
@@ -1728,11 +2045,144 @@ def test_threads_a_user_sets_are_honoured_also_under_torchrun(monkeypatch):
     assert calls == [8, 3, 2]  # torchrun: the cores shared, or --threads; alone: torch's default
 
 
-def test_close_py_alone_asks_for_nb201_api_slim(tmp_path):
-    shutil.copy(ROOT / "close.py", tmp_path / "close.py")
-    result = child("close.py --data synthetic --nb201 x.csv --out run".split(), tmp_path)
-    assert result.returncode == 2 and "nb201_api_slim.py" in result.stderr
-    assert "Traceback" not in result.stderr
+# A stand-in for torchvision's CIFAR-10 that downloads nothing: 400 synthetic images (320 train,
+# 80 held out), a second of "download" into root when its archive is not there yet, and a line
+# per download in root/downloads.txt naming the rank that made it.
+FAKE_CIFAR10 = """
+import os, time
+from pathlib import Path
+import torch
+import close
+
+class FakeCIFAR10:
+    def __init__(self, root, train, download):
+        archive = Path(root) / "cifar-10-python.tar.gz"
+        if not archive.exists():
+            Path(root).mkdir(parents=True, exist_ok=True)
+            with open(Path(root) / "downloads.txt", "a") as downloads:
+                downloads.write(f"rank {os.environ.get('RANK', 0)}\\n")
+            time.sleep(1)
+            archive.write_bytes(b"the archive")
+        data = close.synthetic_dataset(train=320, heldout=80)
+        images = torch.cat([data.train_images, data.heldout_images])
+        self.data = images.permute(0, 2, 3, 1).numpy()  # NHWC, as torchvision's
+        self.targets = torch.cat([data.train_labels, data.heldout_labels]).tolist()
+"""
+exec(FAKE_CIFAR10)
+CIFAR10_ARGS = ["--data", "cifar10", "--data-root", "data/cifar"]
+
+# Under torchrun: 2 ranks on the CPU (gloo), on the fake CIFAR-10. A stop is Ctrl-C on torchrun
+# itself, which forwards it to every rank; this wrapper sends it from rank 0 after the N-th call
+# of a close.py function.
+WRAPPER = "import sys\nsys.path.insert(0, sys.argv.pop(1))\n" + FAKE_CIFAR10 + """
+import signal, torchvision
+torchvision.datasets.CIFAR10 = FakeCIFAR10
+if os.environ["STOP_IN"]:
+    real, calls = getattr(close, os.environ["STOP_IN"]), []
+    def stop_after(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(1)
+        if close.RANK == 0 and len(calls) == int(os.environ["STOP_AT"]):
+            os.kill(os.getppid(), signal.SIGINT)
+        return result
+    setattr(close, os.environ["STOP_IN"], stop_after)
+sys.exit(close.main())
+"""
+
+
+def torchrun(tmp_path, argv, stop_in="", stop_at=0):
+    (tmp_path / "wrapper.py").write_text(WRAPPER)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(tmp_path / "wrapper.py"),
+            str(ROOT),
+            *argv,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**ONE_THREAD, "STOP_IN": stop_in, "STOP_AT": str(stop_at)},
+    )
+
+
+def test_torchrun_downloads_once_scores_exactly_as_one_process_and_resumes_after_stops(
+    tmp_path, monkeypatch
+):
+    nb201 = fake_nb201_csv(tmp_path / "fake.csv")
+    # the same threads per process (else CPU float rounding differs), whatever the core count;
+    # 4 epochs of 2 steps, the learning rate restarted in epoch 2
+    argv = TINY[2:] + CIFAR10_ARGS + ["--epochs", "4", "--blocks", "2", "--nb201", str(nb201)]
+    argv += ["--threads", "1"]
+    with monkeypatch.context() as patch:
+        patch.chdir(tmp_path)
+        patch.setattr(close.torchvision.datasets, "CIFAR10", FakeCIFAR10)
+        assert quietly(argv + ["--out", "one"])[0] == 0
+    shutil.rmtree(tmp_path / "data")
+    # stopped in training epoch 3 of 4 (rank 0 trains, rank 1 waits): the checkpoint has epoch 2
+    stopped = torchrun(tmp_path, argv + ["--out", "two"], "train_step", 5)
+    assert stopped.returncode != 0 and "--resume continues" in stopped.stderr, stopped.stderr[
+        -3000:
+    ]
+    # rank 0 downloaded before the ranks met; rank 1 found the data there
+    downloads = tmp_path / "data" / "cifar" / "downloads.txt"
+    assert downloads.read_text() == "rank 0\n"
+    assert torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    # resumed, then stopped while scoring (after the curve's 6 archs at epochs 3 and 4, 3 archs
+    # in): both ranks stop after the same round, rank 0 keeps it
+    stopped = torchrun(tmp_path, ["--resume", "--out", "two"], "score_arch", 2 * 6 + 3)
+    assert stopped.returncode != 0 and "stopped while scoring" in stopped.stderr, stopped.stderr[
+        -3000:
+    ]
+    assert 2 <= len((tmp_path / "two" / "scores.csv").read_text().splitlines()) - 1 < 12
+    finished = torchrun(tmp_path, ["--resume", "--out", "two"])
+    assert finished.returncode == 0, finished.stdout[-2000:] + finished.stderr[-6000:]
+    assert finished.stdout.count("== two (") == 1  # rank 0 alone prints
+    for name in ("scores.csv", "search.json", "curve_scores.csv"):
+        assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text(), name
+    # log.csv and the curve, timings aside; the weights, after the resumed momentum
+    assert run_rows(tmp_path / "one")[:3] == run_rows(tmp_path / "two")[:3]
+    weights = [
+        torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)["model"]
+        for run in ("one", "two")
+    ]
+    assert all(torch.equal(t, weights[1][k]) for k, t in weights[0].items() if k != "_extra_state")
+    one, two = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two"))
+    assert (
+        one["ranking"] == two["ranking"]
+        and one["scoring_edges_per_block"] == two["scoring_edges_per_block"]
+    )
+    assert one["threads"] == two["threads"] == 1  # --threads honoured under torchrun too
+    assert downloads.read_text() == "rank 0\n"  # and no download since
+    # nothing else
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "data",
+        "fake.csv",
+        "one",
+        "two",
+        "wrapper.py",
+    ]
+
+
+def test_torchrun_onto_a_folder_holding_a_run_is_one_line_and_code_2_on_every_rank(tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "config.json").write_text("{}")
+    result = torchrun(tmp_path, TINY + ["--epochs", "1", "--blocks", "1", "--out", "taken"])
+    printed = result.stdout + result.stderr
+    ours = [line for line in printed.splitlines() if line.startswith("close.py")]
+    assert ours == [
+        "close.py: error: --out taken already holds a run: --resume it or choose " "another --out"
+    ], printed[-3000:]
+    # each rank exits with code 2, unless torchrun ended it first (SIGTERM) on the other's exit
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", printed)
+    assert "2" in codes and set(codes) <= {"2", "-15"}, printed[-3000:]
+    assert "gloo" not in printed.lower()
+    assert (tmp_path / "taken" / "config.json").read_text() == "{}"
 
 
 # ---------------------------------------------------------------------------------------------
