@@ -375,6 +375,9 @@ class Gate(nn.Module):
         widths = (hidden,) + tuple(sizes["graph_layers"])
         self.messages = nn.ModuleList(nn.Linear(a, b, bias=False)
                                       for a, b in zip(widths, widths[1:]))
+        for message in self.messages:  # officially U(+-1/sqrt(width out)), not nn.Linear's width in
+            bound = message.out_features ** -0.5
+            nn.init.uniform_(message.weight, -bound, bound)
         self.attention = nn.ModuleList(nn.Linear(embedding, b) for b in widths[1:])
         mlp, layers = (2 * widths[-1],) + tuple(sizes["mlp"]), []
         for a, b in zip(mlp, mlp[1:]):

@@ -234,6 +234,8 @@ def test_parameter_counts_match_the_official_supernets():
     counts = [n_params(close.CLOSENet(num_blocks=k)) for k in (1, 2, 3)]
     # a block: one op-weight set over 15 cells, and one more logit row in the GATE's last layer
     assert np.diff(counts).tolist() == [268_800 + 201] * 2
+    for layer in close.CLOSENet(num_blocks=5).gate.messages:  # U(+-1/sqrt(width out)), officially
+        assert 0.99 < layer.weight.abs().max() * layer.out_features ** 0.5 <= 1
     assignment = tiny_model().sharing_assignment((3,) * 6)  # level 1: block 0, no GATE
     assert assignment.blocks == [0] * 6 and assignment.gate is None
 
