@@ -1280,8 +1280,9 @@ def print_paired_differences(pairs):
         "nb201", {}).get("cifar10", {}).get("accuracy", np.nan))
     rows |= {f"tau, epoch {e:g}": lambda run, e=e: next(
         (p["kendall_tau"] for p in run["curve"] if p["epoch"] == e), np.nan) for e in epochs}
-    print(f"\nCLOSE - vanilla, paired by seed ({len(pairs)} pairs):\n" + " " * 16 + "".join(
-        f"{head:>9s}" for head in [*(f"seed {seed}" for seed in pairs), "mean", "sd", "p"]))
+    heads = [*(f"seed {seed}" for seed in pairs), "mean", "sd", "p"]
+    print(f"\nCLOSE - vanilla, paired by seed ({len(pairs)} pair{'s' * (len(pairs) > 1)}):")
+    print(" " * 16 + "".join(f"{head:>9s}" for head in heads))
     for name, value in rows.items():
         vanilla, closenet = (np.array([value(pair[i]) for pair in pairs.values()], dtype=float)
                              for i in (0, 1))
@@ -1351,7 +1352,8 @@ def plot(path, runs, first_panel=None):
             for level, epoch in level_starts(cfg["epochs"], cfg["blocks"]).items():
                 axis.axvline(epoch, color="gray", linestyle=":")
                 axis.annotate(f"level {level}", (epoch, 0), xycoords=("data", "axes fraction"))
-        axis.set(xlabel="epochs trained", ylabel=f"{name.replace('_', ' ')} of the tracked archs")
+        label = {"kendall_tau": "Kendall tau"}.get(name, name.replace("_", " "))
+        axis.set(xlabel="epochs trained", ylabel=f"{label} of the tracked archs")
         axis.legend()
     figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)

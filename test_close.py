@@ -1147,8 +1147,7 @@ def test_the_epoch_line_counts_tracking_in_the_time_left():
 
 
 def finished(folder, seed, baseline, values, curve=(), **options):
-    """A finished run written by hand: metrics with Kendall tau, Spearman, P@top5% and the found
-    cell's CIFAR-10 accuracy set to `values`, and a curve of (epoch, Kendall tau) points."""
+    """A finished run by hand: tau, Spearman, P@top5%, the found cell's accuracy, a tau curve."""
     folder.mkdir()
     config = dataclasses.asdict(close.Config(seed=seed, baseline=baseline, **options))
     (folder / "config.json").write_text(json.dumps(config))
@@ -1169,7 +1168,8 @@ def paired_rows(printed):
             and not line.startswith(("not paired", "curves"))}
 
 
-def test_compare_pairs_vanilla_and_close_runs_by_seed(tmp_path, capsys):
+def test_compare_pairs_vanilla_and_close_runs_by_seed(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # compare.png's folder
     vanilla = {0: (0.30, 0.45, 0.1, 93.0), 1: (0.25, 0.40, 0.0, 92.0), 2: (0.40, 0.55, 0.2, 93.5),
                4: (0.2, 0.3, 0.1, 89.0)}
     closenet = {0: (0.35, 0.50, 0.3, 93.2), 1: (0.45, 0.60, 0.3, 92.5), 2: (0.38, 0.52, 0.2, 93.0),
@@ -1202,7 +1202,8 @@ def test_compare_pairs_vanilla_and_close_runs_by_seed(tmp_path, capsys):
     assert "close-0 is not a finished run" in error_line(capsys, ["--compare", *runs])
 
 
-def test_compare_gives_tau_paired_at_each_tracked_epoch(tmp_path, capsys):
+def test_compare_gives_tau_paired_at_each_tracked_epoch(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     taus = np.random.default_rng(0).uniform(-0.2, 0.8, (3, 2, 4))  # seed, kind, epoch 5 ... 20
     runs = []
     for seed in range(3):
